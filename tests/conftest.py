@@ -1,0 +1,76 @@
+"""Session-wide pytest setup for dlcft_jax.
+
+* Enables JAX's persistent compilation cache so repeated test runs (and the
+  CI) skip most XLA compilation. The directory comes from the environment
+  variable ``DLCFT_JAX_TEST_CACHE`` (default ``~/.cache/dlcft_jax/xla_tests``).
+  The same settings are exported as ``JAX_*`` environment variables, so test
+  subprocesses (e.g. the multi-device tests) use the cache too.
+* Provides the ``repo_root`` and ``shared_dir`` fixtures.
+
+XLA_FLAGS is deliberately not touched here: tests that need several host
+devices set it themselves in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+_CACHE_DIR = Path(
+    os.environ.get("DLCFT_JAX_TEST_CACHE")
+    or Path.home() / ".cache" / "dlcft_jax" / "xla_tests"
+).expanduser()
+
+# Cache every compiled program, however small or quick to compile: the test
+# suite consists of many small jitted functions.
+_JAX_CACHE_SETTINGS = {
+    "jax_compilation_cache_dir": str(_CACHE_DIR),
+    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    # -1: no minimum entry size (and no backend override of it).
+    "jax_persistent_cache_min_entry_size_bytes": -1,
+}
+
+
+def _enable_jax_compilation_cache() -> None:
+    try:
+        _CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # read-only home etc.: run without the cache
+    # Environment first, so subprocesses spawned by tests inherit it. A
+    # JAX_* variable the caller already set wins, here and in subprocesses.
+    settings = {}
+    for name, default in _JAX_CACHE_SETTINGS.items():
+        raw = os.environ.setdefault(name.upper(), str(default))
+        try:
+            settings[name] = type(default)(raw)
+        except ValueError:
+            settings[name] = default
+
+    import jax
+
+    for name, value in settings.items():
+        if name in jax.config.values:  # option names vary across jax versions
+            jax.config.update(name, value)
+
+
+_enable_jax_compilation_cache()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """Absolute path of the repository root."""
+    return _REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_dir(repo_root: Path) -> Path:
+    """The project's ``shared/`` folder beside the repository; skips if absent."""
+    path = repo_root.parent / "shared"
+    if not path.is_dir():
+        pytest.skip(f"shared/ folder not found at {path} (it lies beside the "
+                    "repository on the project's machines)")
+    return path
