@@ -1,0 +1,37 @@
+"""dlcft_jax: Deep Linear Continual Fine-Tuning (Shon et al., ECCV 2022) in JAX.
+
+The public API:
+
+* `step(state, batch)`: the jitted DLCFT training step (compiled once per
+  input shape); `train_state.step` is the pure per-device function with an
+  `axis_name`, and `parallel` wraps it with `pmap` / `shard_map`.
+* `create_state`, `begin_task`, `end_task`, `estimate_curvature`, `predict`:
+  the task loop around it.
+* `linearize`, `tangent_apply`: the linearized network.
+* `losses`, `curvature`, `regularizer`: the maths, as pure functions.
+"""
+
+import jax as _jax
+
+from dlcft_jax import curvature
+from dlcft_jax import linearization
+from dlcft_jax import losses
+from dlcft_jax import parallel
+from dlcft_jax import regularizer
+from dlcft_jax import train_state
+from dlcft_jax.linearization import linearize, split, merge, tangent_apply
+from dlcft_jax.train_state import (MethodConfig, TrainState, begin_task,
+                                   create_state, end_task, estimate_curvature,
+                                   make_optimizer, predict)
+
+__version__ = '0.1.0'
+
+#: The jitted per-device step on one device: `step(state, batch)`.
+step = _jax.jit(train_state.step, static_argnames=('axis_name',))
+
+__all__ = [
+    'MethodConfig', 'TrainState', 'begin_task', 'create_state', 'curvature',
+    'end_task', 'estimate_curvature', 'linearize', 'losses', 'make_optimizer',
+    'merge', 'parallel', 'predict', 'regularizer', 'split', 'step',
+    'tangent_apply', 'train_state',
+]
