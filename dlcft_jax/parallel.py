@@ -10,6 +10,11 @@ every device ends the step with the same state.
 * `shard_map_step`: `jax.jit` of `jax.shard_map` over a 1-D mesh; the state is
   replicated (`P()`) and the global batch is split along its first axis
   (`P('batch')`). Inputs can be ordinary arrays: `jit` places them.
+  `check_vma=False` gives the step pmap's semantics: the gradient with
+  respect to the replicated parameters is the device's own, and the step's
+  `pmean` averages it. (With the check on, JAX would already sum the
+  gradients of replicated inputs across devices, and the explicit `pmean`
+  would then be wrong by a factor.)
 
 Multi-host runs use the same functions after `jax.distributed.initialize()`;
 each host feeds its own part of the global batch.
@@ -43,7 +48,7 @@ def shard_map_step(mesh: Mesh,
   """`jax.jit(jax.shard_map(step_fn))`: replicated state, batch split on axis 0."""
   fn = jax.shard_map(functools.partial(step_fn, axis_name=axis_name),
                      mesh=mesh, in_specs=(P(), P(axis_name)),
-                     out_specs=(P(), P()))
+                     out_specs=(P(), P()), check_vma=False)
   return jax.jit(fn)
 
 

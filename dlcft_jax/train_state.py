@@ -134,7 +134,7 @@ def make_optimizer(config: MethodConfig) -> optax.GradientTransformation:
     parts.append(optax.scale_by_adam(config.b1, config.b2, config.eps))
   elif config.momentum > 0:
     parts.append(optax.trace(decay=config.momentum))
-  return optax.chain(*parts)
+  return optax.chain(*parts) if parts else optax.identity()
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -332,7 +332,7 @@ def step(state: TrainState,
   if cfg.proximal > 0:
     grads = jax.tree.map(lambda g, p, c: g + cfg.proximal * (p - c), grads,
                          state.params, state.centre)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state,
                                        _decay_params(state, state.params))
   lr = learning_rate(state)
