@@ -246,7 +246,7 @@ def _per_example_trace(a: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def layer_factors(spec: LayerSpec, x: jax.Array, g: jax.Array,
-                  has_bias: bool) -> dict:
+                  has_bias: bool, with_trace: bool = True) -> dict:
   """K-FAC factors of one layer from its input and output gradient.
 
   Args:
@@ -255,9 +255,11 @@ def layer_factors(spec: LayerSpec, x: jax.Array, g: jax.Array,
     g: per-example gradients with respect to the layer's output (the
       pseudo-loss is summed over the batch), (B, ..., C_out).
     has_bias: whether the layer's bias is regularized (appends a 1 to a).
+    with_trace: also compute the exact per-example Fisher trace (needed only
+      by trace-restricted K-FAC; it costs a per-example gradient).
 
   Returns:
-    {'A', 'S', 'trace'} for this batch (see the module docstring).
+    {'A', 'S'[, 'trace']} for this batch (see the module docstring).
   """
   b = x.shape[0]
   if spec.kind == 'dense':
@@ -271,13 +273,19 @@ def layer_factors(spec: LayerSpec, x: jax.Array, g: jax.Array,
     a = a.reshape(b, t, c, -1)
     A = jnp.einsum('btck,btcl->ckl', a, a) / (b * t)
     S = jnp.einsum('btc,btc->c', gm, gm) / b
-    trace = jnp.sum(jnp.square(jnp.einsum('btck,btc->bck', a, gm))) / b
-    return {'A': A, 'S': S, 'trace': trace}
+    out = {'A': A, 'S': S}
+    if with_trace:
+      out['trace'] = jnp.sum(jnp.square(jnp.einsum('btck,btc->bck', a,
+                                                   gm))) / b
+    return out
   if has_bias:
     a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
   A = jnp.einsum('btp,btq->pq', a, a) / (b * t)
   S = jnp.einsum('bto,btp->op', gm, gm) / b
-  return {'A': A, 'S': S, 'trace': _per_example_trace(a, gm)}
+  out = {'A': A, 'S': S}
+  if with_trace:
+    out['trace'] = _per_example_trace(a, gm)
+  return out
 
 
 def head_factor(z: jax.Array, weights: Optional[jax.Array] = None) -> jax.Array:
@@ -327,6 +335,7 @@ def batch_curvature(apply_fn: lin.ApplyFn,
                     linearized: bool = True,
                     loss: str = 'mse',
                     class_mask: Optional[jax.Array] = None,
+                    with_trace: bool = False,
                     axis_name: Optional[str] = None) -> Curvature:
   """The curvature statistics of one batch (pure; jit/pmap it).
 
@@ -342,10 +351,12 @@ def batch_curvature(apply_fn: lin.ApplyFn,
     loss: 'mse' or 'ce' (which pseudo-target distribution, and whether S_head
       is exactly I).
     class_mask: (C,) or (B, C) active outputs.
+    with_trace: also estimate each layer's Fisher trace (trace-restricted
+      K-FAC).
     axis_name: if given, statistics are averaged over this mapped axis.
 
   Returns:
-    {'layers': {key: {'A', 'S', 'trace'}}, 'head': {'A', 'S'}}.
+    {'layers': {key: {'A', 'S'[, 'trace']}}, 'head': {'A', 'S'}}.
   """
   layers = regularized_layers(delta)
   point = params0 if linearized else _shift(params0, delta)
@@ -375,7 +386,8 @@ def batch_curvature(apply_fn: lin.ApplyFn,
   r = pseudo_residual(logits, rng, loss, class_mask)
   (grads,) = vjp_fn(r)
   stats = {'layers': {k: layer_factors(specs[k], inputs[k], grads[k],
-                                       layers[k][0]) for k in layers}}
+                                       layers[k][0], with_trace)
+                      for k in layers}}
   num_classes = head['kernel'].shape[-1]
   if loss == 'mse':
     s_head = jnp.eye(num_classes, dtype=z.dtype)

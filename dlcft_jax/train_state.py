@@ -219,7 +219,7 @@ def create_state(apply_fn: Callable[..., jax.Array],
         lambda: curv_lib.batch_curvature(
             apply_fn, params0, delta, head, example_input,
             jax.random.key(0), linearized=config.linearized,
-            loss=config.loss))
+            loss=config.loss, with_trace=config.regularizer == 'tkfac'))
     curvature = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   tx = make_optimizer(config)
   return TrainState(
@@ -380,7 +380,7 @@ def curvature_step(state: TrainState, batch: Batch, rng: jax.Array, *,
       state.params['head'], batch['image'], rng,
       linearized=state.config.linearized, loss=state.config.loss,
       class_mask=batch.get('class_mask', state.class_mask),
-      axis_name=axis_name)
+      with_trace=state.config.regularizer == 'tkfac', axis_name=axis_name)
 
 
 _curvature_step_jit = jax.jit(curvature_step)

@@ -36,8 +36,9 @@ def test_model_penalty_equals_dense_block_diagonal_form(restricted):
     apply_fn, v = init_small(jax.random.key(0))
     v = _f64(v)
     batch = _tasks(1)[0]
-    state = dj.create_state(apply_fn, v, num_classes=3,
-                            example_input=batch['image'])
+    state = dj.create_state(
+        apply_fn, v, num_classes=3, example_input=batch['image'],
+        config=dj.MethodConfig(regularizer='tkfac' if restricted else 'kfac'))
     head = {'kernel': jax.random.normal(jax.random.key(1), (6, 3),
                                         jnp.float64),
             'bias': jnp.zeros(3, jnp.float64)}
