@@ -149,7 +149,8 @@ def backward_transfer(r: Matrix) -> float:
 def format_accuracy_matrix(r: Matrix, precision: int = 2) -> str:
     """Renders the accuracy matrix as a fixed-width table for logs.
 
-    Rows are "after training task i", columns "test data of task j", plus an
+    Rows are "after training task i", columns "test data of task j" (labelled
+    T1..TT, counting tasks from 1 as people do), plus an
     `avg` column with `average_accuracy(r, i)`. Missing entries print as `-`.
     Unlike the metrics, this accepts matrices with missing lower-triangle
     entries (e.g. while training is still running); their `avg` prints as `-`.
@@ -175,19 +176,19 @@ def format_accuracy_matrix(r: Matrix, precision: int = 2) -> str:
             f'The accuracy matrix must be square, got shape {m.shape}.')
     num_tasks = m.shape[0]
     # Wide enough for "100.00" and for the row/column labels.
-    width = max(precision + 5, len(f'T{num_tasks - 1}'), len('avg')) + 1
-    label_width = max(len('after'), len(f'T{num_tasks - 1}')) + 1
+    width = max(precision + 5, len(f'T{num_tasks}'), len('avg')) + 1
+    label_width = max(len('after'), len(f'T{num_tasks}')) + 1
 
     def cell(v: float) -> str:
         text = '-' if not np.isfinite(v) else f'{v:.{precision}f}'
         return text.rjust(width)
 
     header = 'after'.ljust(label_width) + ''.join(
-        f'T{j}'.rjust(width) for j in range(num_tasks)) + 'avg'.rjust(width)
+        f'T{j + 1}'.rjust(width) for j in range(num_tasks)) + 'avg'.rjust(width)
     lines = [header]
     for i in range(num_tasks):
         seen = m[i, :i + 1]
         avg = seen.mean() if np.isfinite(seen).all() else np.nan
-        lines.append(f'T{i}'.ljust(label_width) +
+        lines.append(f'T{i + 1}'.ljust(label_width) +
                      ''.join(cell(v) for v in m[i]) + cell(avg))
     return '\n'.join(lines)

@@ -93,14 +93,14 @@ def test_format_accuracy_matrix():
     assert len(lines) == 4
     # Fixed width: every line has the same length.
     assert len({len(line) for line in lines}) == 1
-    assert lines[0].split() == ['after', 'T0', 'T1', 'T2', 'avg']
-    assert lines[1].split() == ['T0', '90.00', '-', '-', '90.00']
-    assert lines[3].split() == ['T2', '60.00', '65.00', '85.00', '70.00']
+    assert lines[0].split() == ['after', 'T1', 'T2', 'T3', 'avg']
+    assert lines[1].split() == ['T1', '90.00', '-', '-', '90.00']
+    assert lines[3].split() == ['T3', '60.00', '65.00', '85.00', '70.00']
 
 
 def test_format_accepts_partial_matrix():
     # While training runs, later rows are not filled in yet.
     r = [[90.0, None], [None, None]]
     lines = metrics.format_accuracy_matrix(r, precision=1).split('\n')
-    assert lines[1].split() == ['T0', '90.0', '-', '90.0']
-    assert lines[2].split() == ['T1', '-', '-', '-']
+    assert lines[1].split() == ['T1', '90.0', '-', '90.0']
+    assert lines[2].split() == ['T2', '-', '-', '-']

@@ -1,0 +1,40 @@
+r"""Runs a continual fine-tuning experiment.
+
+  python -m experiments.run --config=experiments/configs/class_il.py \
+      --workdir=/tmp/dlcft_class_il [--config.method=finetune ...]
+
+Everything reusable lives in `dlcft_jax`; `experiments.train` holds the task
+loop. A configuration error ends the run with one message saying what to
+change.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from experiments import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'A config file under experiments/configs/.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Folder for results.json and logs.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (train.ConfigError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)
