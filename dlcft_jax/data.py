@@ -31,11 +31,13 @@ def _check_images(images: np.ndarray, name: str = 'images') -> None:
     if images.dtype != np.uint8:
         raise ValueError(
             f'{name} must be uint8 (raw pixels), got dtype {images.dtype}; '
-            'normalise on device, after augmentation.')
+            'normalise on device, after augmentation.'
+        )
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(
             f'{name} must have shape (N, H, W, 3) (NHWC, RGB), got '
-            f'{images.shape}.')
+            f'{images.shape}.'
+        )
 
 
 def _check_labels(labels: np.ndarray, n: int, name: str = 'labels') -> None:
@@ -43,10 +45,12 @@ def _check_labels(labels: np.ndarray, n: int, name: str = 'labels') -> None:
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
             f'{name} must be a 1-D integer array, got shape {labels.shape} and '
-            f'dtype {labels.dtype}.')
+            f'dtype {labels.dtype}.'
+        )
     if labels.shape[0] != n:
         raise ValueError(
-            f'{name} has {labels.shape[0]} entries but there are {n} images.')
+            f'{name} has {labels.shape[0]} entries but there are {n} images.'
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -54,8 +58,9 @@ def _check_labels(labels: np.ndarray, n: int, name: str = 'labels') -> None:
 # ---------------------------------------------------------------------------
 
 
-def load_npz(path_or_dir: str | os.PathLike[str],
-             split: str) -> tuple[np.ndarray, np.ndarray]:
+def load_npz(
+    path_or_dir: str | os.PathLike[str], split: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Loads one split of an image data set stored as `.npz`.
 
     The file must hold the keys `image` (uint8, shape (N, H, W, 3)) and `label`
@@ -80,13 +85,15 @@ def load_npz(path_or_dir: str | os.PathLike[str],
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f'No {split!r} data at {path!r}: expected a directory containing '
-            f'{split}.npz or the path of an .npz file.')
+            f'{split}.npz or the path of an .npz file.'
+        )
     with np.load(path, allow_pickle=False) as data:
         missing = [k for k in ('image', 'label') if k not in data.files]
         if missing:
             raise KeyError(
                 f'{path!r} lacks key(s) {missing}; found {sorted(data.files)}. '
-                "The file must hold 'image' (uint8 NHWC) and 'label' (int).")
+                "The file must hold 'image' (uint8 NHWC) and 'label' (int)."
+            )
         images = data['image']
         labels = data['label']
     _check_images(images, name=f"'image' in {path!r}")
@@ -135,51 +142,59 @@ def class_incremental_split(
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
             f'labels must be a 1-D integer array, got shape {labels.shape} and '
-            f'dtype {labels.dtype}.')
+            f'dtype {labels.dtype}.'
+        )
     if classes_per_task < 1 or num_tasks < 1:
         raise ValueError(
             f'classes_per_task ({classes_per_task}) and num_tasks '
-            f'({num_tasks}) must both be at least 1.')
+            f'({num_tasks}) must both be at least 1.'
+        )
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.size else 0
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(
             f'labels must lie in [0, {num_classes}), found range '
             f'[{labels.min()}, {labels.max()}]; fix the labels or raise '
-            'num_classes.')
+            'num_classes.'
+        )
     needed = classes_per_task * num_tasks
     if needed > num_classes:
         raise ValueError(
             f'classes_per_task * num_tasks = {classes_per_task} * '
             f'{num_tasks} = {needed} exceeds the {num_classes} classes '
-            'available; lower classes_per_task or num_tasks.')
+            'available; lower classes_per_task or num_tasks.'
+        )
     if class_order is None:
         order = np.arange(num_classes, dtype=np.int32)
     else:
         order = np.asarray(class_order, dtype=np.int64)
         if order.ndim != 1:
             raise ValueError(
-                f'class_order must be 1-D, got shape {order.shape}.')
+                f'class_order must be 1-D, got shape {order.shape}.'
+            )
         if order.size and (order.min() < 0 or order.max() >= num_classes):
             raise ValueError(
                 f'class_order has ids outside [0, {num_classes}): '
-                f'{sorted(set(order[(order < 0) | (order >= num_classes)]))}.')
+                f'{sorted(set(order[(order < 0) | (order >= num_classes)]))}.'
+            )
         if np.unique(order).size != order.size:
             raise ValueError('class_order must not repeat a class id.')
         if order.size < needed:
             raise ValueError(
                 f'class_order lists {order.size} classes but {num_tasks} '
                 f'tasks of {classes_per_task} classes need {needed}; extend '
-                'class_order.')
+                'class_order.'
+            )
         order = order.astype(np.int32)
     return [
-        order[t * classes_per_task:(t + 1) * classes_per_task].copy()
+        order[t * classes_per_task : (t + 1) * classes_per_task].copy()
         for t in range(num_tasks)
     ]
 
 
-def task_indices(labels: np.ndarray,
-                 task_classes: Sequence[int] | np.ndarray) -> np.ndarray:
+def task_indices(
+    labels: np.ndarray, task_classes: Sequence[int] | np.ndarray
+) -> np.ndarray:
     """Returns the indices of the examples whose label is in `task_classes`.
 
     Args:
@@ -197,7 +212,8 @@ def task_indices(labels: np.ndarray,
     task_classes = np.asarray(task_classes)
     if task_classes.size == 0:
         raise ValueError(
-            'task_classes is empty; a task needs at least one class.')
+            'task_classes is empty; a task needs at least one class.'
+        )
     if task_classes.min() < 0:
         raise ValueError(f'task_classes has negative ids: {task_classes}.')
     return np.flatnonzero(np.isin(labels, task_classes)).astype(np.int64)
@@ -208,9 +224,9 @@ def task_indices(labels: np.ndarray,
 # ---------------------------------------------------------------------------
 
 
-def augment_crop_flip(images: np.ndarray,
-                      rng: np.random.Generator,
-                      pad: int = 4) -> np.ndarray:
+def augment_crop_flip(
+    images: np.ndarray, rng: np.random.Generator, pad: int = 4
+) -> np.ndarray:
     """Random crop after zero padding, then random horizontal flip, per image.
 
     This is the standard CIFAR augmentation: each image is zero-padded by `pad`
@@ -241,12 +257,13 @@ def augment_crop_flip(images: np.ndarray,
     flip = rng.random(n) < 0.5
     rows = off_y[:, None] + np.arange(h)[None, :]  # (N, H)
     # A flip just reads the window's columns right-to-left.
-    col_pos = np.where(flip[:, None],
-                       np.arange(w)[::-1][None, :],
-                       np.arange(w)[None, :])
+    col_pos = np.where(
+        flip[:, None], np.arange(w)[::-1][None, :], np.arange(w)[None, :]
+    )
     cols = off_x[:, None] + col_pos  # (N, W)
-    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:,
-                                                                      None, :]]
+    return padded[
+        np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -254,13 +271,15 @@ def augment_crop_flip(images: np.ndarray,
 # ---------------------------------------------------------------------------
 
 
-def batches(images: np.ndarray,
-            labels: np.ndarray,
-            batch_size: int,
-            rng: np.random.Generator,
-            *,
-            drop_remainder: bool = True,
-            epochs: int | None = None) -> Iterator[Batch]:
+def batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    *,
+    drop_remainder: bool = True,
+    epochs: int | None = None,
+) -> Iterator[Batch]:
     """Yields shuffled training minibatches of a fixed shape.
 
     The data are reshuffled at the start of every epoch. Every yielded batch has
@@ -298,7 +317,8 @@ def batches(images: np.ndarray,
         # Otherwise an infinite loop would yield nothing.
         raise ValueError(
             f'Cannot form a batch of {batch_size} from {n} examples; lower '
-            'batch_size or pass drop_remainder=False.')
+            'batch_size or pass drop_remainder=False.'
+        )
     epoch = 0
     while epochs is None or epoch < epochs:
         perm = rng.permutation(n)
@@ -309,13 +329,14 @@ def batches(images: np.ndarray,
             # np.resize repeats `perm` cyclically to the requested length.
             perm = np.resize(perm, num_batches * batch_size)
         for b in range(num_batches):
-            idx = perm[b * batch_size:(b + 1) * batch_size]
+            idx = perm[b * batch_size : (b + 1) * batch_size]
             yield {'image': images[idx], 'label': labels[idx]}
         epoch += 1
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray,
-                 batch_size: int) -> Iterator[Batch]:
+def eval_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int
+) -> Iterator[Batch]:
     """Yields evaluation batches in order, padding the last one.
 
     Every example is visited exactly once. The last batch is padded with zero
@@ -341,8 +362,8 @@ def eval_batches(images: np.ndarray, labels: np.ndarray,
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
     for start in range(0, n, batch_size):
-        x = images[start:start + batch_size]
-        y = labels[start:start + batch_size]
+        x = images[start : start + batch_size]
+        y = labels[start : start + batch_size]
         real = x.shape[0]
         mask = np.ones((batch_size,), np.float32)
         if real < batch_size:
@@ -423,16 +444,19 @@ class ReplayBuffer:
         self._labels = np.zeros((self.capacity,), np.int32)
         self._task_ids = np.zeros((self.capacity,), np.int32)
         if logits is not None:
-            self._logits = np.zeros((self.capacity,) + logits.shape[1:],
-                                    np.float32)
+            self._logits = np.zeros(
+                (self.capacity,) + logits.shape[1:], np.float32
+            )
 
-    def add(self,
-            images: np.ndarray,
-            labels: np.ndarray,
-            task_ids: np.ndarray | int,
-            logits: np.ndarray | None = None,
-            *,
-            rng: np.random.Generator) -> None:
+    def add(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        task_ids: np.ndarray | int,
+        logits: np.ndarray | None = None,
+        *,
+        rng: np.random.Generator,
+    ) -> None:
         """Offers a batch of examples to the buffer, in row order.
 
         Args:
@@ -457,24 +481,30 @@ class ReplayBuffer:
             logits = np.asarray(logits, np.float32)
             if logits.shape[0] != b:
                 raise ValueError(
-                    f'{logits.shape[0]} logits rows but {b} images.')
+                    f'{logits.shape[0]} logits rows but {b} images.'
+                )
         if self._images is None:
             self._allocate(images, logits)
         else:
             if images.shape[1:] != self._images.shape[1:]:
                 raise ValueError(
                     f'image shape {images.shape[1:]} differs from the stored '
-                    f'{self._images.shape[1:]}.')
+                    f'{self._images.shape[1:]}.'
+                )
             if (logits is None) != (self._logits is None):
                 had = 'with' if self._logits is not None else 'without'
                 raise ValueError(
                     'Pass logits on every add or on none: the buffer was '
-                    f'created {had} logits.')
-            if (logits is not None and
-                    logits.shape[1:] != self._logits.shape[1:]):
+                    f'created {had} logits.'
+                )
+            if (
+                logits is not None
+                and logits.shape[1:] != self._logits.shape[1:]
+            ):
                 raise ValueError(
                     f'logits shape {logits.shape[1:]} differs from the stored '
-                    f'{self._logits.shape[1:]}; pad logits to a fixed width.')
+                    f'{self._logits.shape[1:]}; pad logits to a fixed width.'
+                )
         if b == 0:
             return
 
@@ -530,8 +560,10 @@ class ReplayBuffer:
             raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
         size = len(self)
         if size == 0:
-            raise ValueError('Cannot sample from an empty replay buffer; check '
-                             'is_empty() before sampling.')
+            raise ValueError(
+                'Cannot sample from an empty replay buffer; check '
+                'is_empty() before sampling.'
+            )
         if size >= batch_size:
             idx = rng.choice(size, size=batch_size, replace=False)
         else:
@@ -607,7 +639,8 @@ class ReplayBuffer:
         if images.shape[0] != size:
             raise ValueError(
                 f'state holds {images.shape[0]} images but capacity '
-                f'{buf.capacity} and num_seen {buf.num_seen} imply {size}.')
+                f'{buf.capacity} and num_seen {buf.num_seen} imply {size}.'
+            )
         logits = state.get('logits')
         buf._allocate(images, None if logits is None else np.asarray(logits))
         buf._images[:size] = images

@@ -43,24 +43,27 @@ def _as_matrix(r: Matrix) -> np.ndarray:
         if any(len(row) != len(rows) for row in rows):
             raise ValueError(
                 'The accuracy matrix must be square (T rows of T entries); '
-                f'got row lengths {[len(row) for row in rows]}.')
+                f'got row lengths {[len(row) for row in rows]}.'
+            )
         m = np.array(rows, dtype=np.float64).reshape(len(rows), len(rows))
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
         raise ValueError(
             f'The accuracy matrix must be non-empty and square, got shape '
-            f'{m.shape}.')
+            f'{m.shape}.'
+        )
     lower = np.tril(np.ones(m.shape, dtype=bool))
     missing = np.argwhere(lower & ~np.isfinite(m))
     if missing.size:
         raise ValueError(
             'Entries R[i][j] with j <= i must all be evaluated; missing '
-            f'(i, j): {[tuple(int(x) for x in ij) for ij in missing]}.')
+            f'(i, j): {[tuple(int(x) for x in ij) for ij in missing]}.'
+        )
     return m
 
 
-def average_accuracy(r: Matrix,
-                     t: int | None = None,
-                     task_sizes: Sequence[int] | None = None) -> float:
+def average_accuracy(
+    r: Matrix, t: int | None = None, task_sizes: Sequence[int] | None = None
+) -> float:
     """Average accuracy over the tasks seen after training task `t`.
 
     Args:
@@ -87,19 +90,21 @@ def average_accuracy(r: Matrix,
     if not -num_tasks <= t < num_tasks:
         raise IndexError(f't={t} is out of range for {num_tasks} tasks.')
     t %= num_tasks
-    row = m[t, :t + 1]
+    row = m[t, : t + 1]
     if task_sizes is None:
         return float(row.mean())
     sizes = np.asarray(task_sizes, dtype=np.float64)
     if sizes.shape != (num_tasks,):
         raise ValueError(
             f'task_sizes must have one entry per task ({num_tasks}), got '
-            f'shape {sizes.shape}.')
-    weights = sizes[:t + 1]
+            f'shape {sizes.shape}.'
+        )
+    weights = sizes[: t + 1]
     if weights.sum() <= 0 or (weights < 0).any():
         raise ValueError(
             f'task_sizes must be non-negative with a positive sum, got '
-            f'{weights.tolist()}.')
+            f'{weights.tolist()}.'
+        )
     return float((row * weights).sum() / weights.sum())
 
 
@@ -121,7 +126,7 @@ def forgetting(r: Matrix) -> float:
     if num_tasks == 1:
         return 0.0
     drops = [
-        m[j:num_tasks - 1, j].max() - m[num_tasks - 1, j]
+        m[j : num_tasks - 1, j].max() - m[num_tasks - 1, j]
         for j in range(num_tasks - 1)
     ]
     return float(np.mean(drops))
@@ -141,8 +146,8 @@ def backward_transfer(r: Matrix) -> float:
     num_tasks = m.shape[0]
     if num_tasks == 1:
         return 0.0
-    final = m[num_tasks - 1, :num_tasks - 1]
-    just_trained = np.diag(m)[:num_tasks - 1]
+    final = m[num_tasks - 1, : num_tasks - 1]
+    just_trained = np.diag(m)[: num_tasks - 1]
     return float((final - just_trained).mean())
 
 
@@ -170,10 +175,12 @@ def format_accuracy_matrix(r: Matrix, precision: int = 2) -> str:
     else:
         m = np.array(
             [[np.nan if v is None else float(v) for v in row] for row in r],
-            dtype=np.float64)
+            dtype=np.float64,
+        )
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise ValueError(
-            f'The accuracy matrix must be square, got shape {m.shape}.')
+            f'The accuracy matrix must be square, got shape {m.shape}.'
+        )
     num_tasks = m.shape[0]
     # Wide enough for "100.00" and for the row/column labels.
     width = max(precision + 5, len(f'T{num_tasks}'), len('avg')) + 1
@@ -183,12 +190,18 @@ def format_accuracy_matrix(r: Matrix, precision: int = 2) -> str:
         text = '-' if not np.isfinite(v) else f'{v:.{precision}f}'
         return text.rjust(width)
 
-    header = 'after'.ljust(label_width) + ''.join(
-        f'T{j + 1}'.rjust(width) for j in range(num_tasks)) + 'avg'.rjust(width)
+    header = (
+        'after'.ljust(label_width)
+        + ''.join(f'T{j + 1}'.rjust(width) for j in range(num_tasks))
+        + 'avg'.rjust(width)
+    )
     lines = [header]
     for i in range(num_tasks):
-        seen = m[i, :i + 1]
+        seen = m[i, : i + 1]
         avg = seen.mean() if np.isfinite(seen).all() else np.nan
-        lines.append(f'T{i + 1}'.ljust(label_width) +
-                     ''.join(cell(v) for v in m[i]) + cell(avg))
+        lines.append(
+            f'T{i + 1}'.ljust(label_width)
+            + ''.join(cell(v) for v in m[i])
+            + cell(avg)
+        )
     return '\n'.join(lines)

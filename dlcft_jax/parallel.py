@@ -35,50 +35,62 @@ from dlcft_jax import train_state
 AXIS = 'batch'
 
 
-def pmap_step(step_fn: Callable[..., Any] = train_state.step,
-              axis_name: str = AXIS) -> Callable[..., Any]:
-  """`jax.pmap` of `step_fn(state, batch, axis_name=...)` over local devices."""
-  return jax.pmap(functools.partial(step_fn, axis_name=axis_name),
-                  axis_name=axis_name)
+def pmap_step(
+    step_fn: Callable[..., Any] = train_state.step, axis_name: str = AXIS
+) -> Callable[..., Any]:
+    """`jax.pmap` of `step_fn(state, batch, axis_name=...)` over local devices."""
+    return jax.pmap(
+        functools.partial(step_fn, axis_name=axis_name), axis_name=axis_name
+    )
 
 
-def shard_map_step(mesh: Mesh,
-                   step_fn: Callable[..., Any] = train_state.step,
-                   axis_name: str = AXIS) -> Callable[..., Any]:
-  """`jax.jit(jax.shard_map(step_fn))`: replicated state, batch split on axis 0."""
-  fn = jax.shard_map(functools.partial(step_fn, axis_name=axis_name),
-                     mesh=mesh, in_specs=(P(), P(axis_name)),
-                     out_specs=(P(), P()), check_vma=False)
-  return jax.jit(fn)
+def shard_map_step(
+    mesh: Mesh,
+    step_fn: Callable[..., Any] = train_state.step,
+    axis_name: str = AXIS,
+) -> Callable[..., Any]:
+    """`jax.jit(jax.shard_map(step_fn))`: replicated state, batch split on axis 0."""
+    fn = jax.shard_map(
+        functools.partial(step_fn, axis_name=axis_name),
+        mesh=mesh,
+        in_specs=(P(), P(axis_name)),
+        out_specs=(P(), P()),
+        check_vma=False,
+    )
+    return jax.jit(fn)
 
 
-def make_mesh(devices: Optional[Sequence[jax.Device]] = None,
-              axis_name: str = AXIS) -> Mesh:
-  """A 1-D mesh over `devices` (default: all devices)."""
-  devs = np.asarray(jax.devices() if devices is None else devices)
-  return Mesh(devs, (axis_name,))
+def make_mesh(
+    devices: Optional[Sequence[jax.Device]] = None, axis_name: str = AXIS
+) -> Mesh:
+    """A 1-D mesh over `devices` (default: all devices)."""
+    devs = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devs, (axis_name,))
 
 
 def replicate(tree: Any, num_devices: Optional[int] = None) -> Any:
-  """Adds a leading device axis to every leaf (for `pmap_step`)."""
-  n = num_devices or jax.local_device_count()
-  return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)),
-                      tree)
+    """Adds a leading device axis to every leaf (for `pmap_step`)."""
+    n = num_devices or jax.local_device_count()
+    return jax.tree.map(
+        lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree
+    )
 
 
 def unreplicate(tree: Any) -> Any:
-  """Takes device 0's copy of a replicated pytree."""
-  return jax.tree.map(lambda x: x[0], tree)
+    """Takes device 0's copy of a replicated pytree."""
+    return jax.tree.map(lambda x: x[0], tree)
 
 
 def shard_batch(batch: Any, num_devices: Optional[int] = None) -> Any:
-  """Reshapes a global batch (B, ...) to (devices, B / devices, ...)."""
-  n = num_devices or jax.local_device_count()
+    """Reshapes a global batch (B, ...) to (devices, B / devices, ...)."""
+    n = num_devices or jax.local_device_count()
 
-  def split(x):
-    if x.shape[0] % n:
-      raise ValueError(f'The batch size {x.shape[0]} is not divisible by the '
-                       f'{n} devices; choose a multiple of {n}.')
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(
+                f'The batch size {x.shape[0]} is not divisible by the '
+                f'{n} devices; choose a multiple of {n}.'
+            )
+        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
 
-  return jax.tree.map(split, batch)
+    return jax.tree.map(split, batch)

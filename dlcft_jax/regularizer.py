@@ -42,18 +42,18 @@ Params = Any
 
 @jax.custom_vjp
 def kron_quadratic(delta: jax.Array, A: jax.Array, S: jax.Array) -> jax.Array:
-  """½ Σ (A Δ S) ⊙ Δ for symmetric A (in×in) and S (out×out), Δ (in×out)."""
-  return 0.5 * jnp.vdot(A @ delta @ S, delta)
+    """½ Σ (A Δ S) ⊙ Δ for symmetric A (in×in) and S (out×out), Δ (in×out)."""
+    return 0.5 * jnp.vdot(A @ delta @ S, delta)
 
 
 def _kron_fwd(delta, A, S):
-  m = A @ delta @ S
-  return 0.5 * jnp.vdot(m, delta), m
+    m = A @ delta @ S
+    return 0.5 * jnp.vdot(m, delta), m
 
 
 def _kron_bwd(m, ct):
-  # The factors are fixed statistics of past tasks: no gradient flows to them.
-  return ct * m, None, None
+    # The factors are fixed statistics of past tasks: no gradient flows to them.
+    return ct * m, None, None
 
 
 kron_quadratic.defvjp(_kron_fwd, _kron_bwd)
@@ -61,143 +61,179 @@ kron_quadratic.defvjp(_kron_fwd, _kron_bwd)
 
 @jax.custom_vjp
 def depthwise_quadratic(w: jax.Array, A: jax.Array, S: jax.Array) -> jax.Array:
-  """½ Σ_c S_c w_cᵀ A_c w_c for w (C, K), A (C, K, K), S (C,)."""
-  return 0.5 * jnp.vdot(jnp.einsum('ckl,cl->ck', A, w) * S[:, None], w)
+    """½ Σ_c S_c w_cᵀ A_c w_c for w (C, K), A (C, K, K), S (C,)."""
+    return 0.5 * jnp.vdot(jnp.einsum('ckl,cl->ck', A, w) * S[:, None], w)
 
 
 def _dw_fwd(w, A, S):
-  m = jnp.einsum('ckl,cl->ck', A, w) * S[:, None]
-  return 0.5 * jnp.vdot(m, w), m
+    m = jnp.einsum('ckl,cl->ck', A, w) * S[:, None]
+    return 0.5 * jnp.vdot(m, w), m
 
 
 def _dw_bwd(m, ct):
-  return ct * m, None, None
+    return ct * m, None, None
 
 
 depthwise_quadratic.defvjp(_dw_fwd, _dw_bwd)
 
 
 def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-  for p in path:
-    tree = tree[p]
-  return tree
+    for p in path:
+        tree = tree[p]
+    return tree
 
 
-def layer_penalty(delta_kernel: jax.Array, delta_bias: jax.Array | None,
-                  factors: Mapping[str, jax.Array], *,
-                  restricted: bool = False) -> jax.Array:
-  """The K-FAC penalty of one layer for a kernel (and bias) displacement.
+def layer_penalty(
+    delta_kernel: jax.Array,
+    delta_bias: jax.Array | None,
+    factors: Mapping[str, jax.Array],
+    *,
+    restricted: bool = False,
+) -> jax.Array:
+    """The K-FAC penalty of one layer for a kernel (and bias) displacement.
 
-  Args:
-    delta_kernel: θ − θ_{t−1} of the kernel (dense (in, out), conv HWIO or
-      depthwise (kh, kw, 1, C)).
-    delta_bias: θ − θ_{t−1} of the bias, or None.
-    factors: {'A', 'S', 'trace'} of the layer.
-    restricted: scale by tr(F)/(tr A · tr S) (trace-restricted K-FAC).
+    Args:
+      delta_kernel: θ − θ_{t−1} of the kernel (dense (in, out), conv HWIO or
+        depthwise (kh, kw, 1, C)).
+      delta_bias: θ − θ_{t−1} of the bias, or None.
+      factors: {'A', 'S', 'trace'} of the layer.
+      restricted: scale by tr(F)/(tr A · tr S) (trace-restricted K-FAC).
 
-  Returns:
-    The scalar ½ vec(Δ)ᵀ (A ⊗ S) vec(Δ).
-  """
-  A, S = factors['A'], factors['S']
-  if S.ndim == 1:
-    value = depthwise_quadratic(
-        curv_lib.kernel_matrix(delta_kernel, None, 'depthwise'), A, S)
-    tr_as = jnp.sum(jnp.trace(A, axis1=-2, axis2=-1) * S)
-  else:
-    value = kron_quadratic(
-        curv_lib.kernel_matrix(delta_kernel, delta_bias, 'dense'), A, S)
-    tr_as = jnp.trace(A) * jnp.trace(S)
-  if restricted:
-    # tr(A ⊗ S) = tr A · tr S for both layouts; guard empty statistics.
-    value = value * factors['trace'] / jnp.where(tr_as > 0, tr_as, 1.0)
-  return value
-
-
-def head_penalty(delta_head: Mapping[str, jax.Array],
-                 factors: Mapping[str, jax.Array]) -> jax.Array:
-  """½ vec(ΔW̄)ᵀ (A_head ⊗ S_head) vec(ΔW̄), W̄ = [W; b] of shape (D+1, C)."""
-  mat = jnp.concatenate([delta_head['kernel'], delta_head['bias'][None, :]], 0)
-  return kron_quadratic(mat, factors['A'], factors['S'])
-
-
-def penalty(params: Params, centre: Params, curvature: Mapping[str, Any], *,
-            restricted: bool = False) -> jax.Array:
-  """R(θ) over the backbone layers and the head.
-
-  Args:
-    params: {'backbone': Δψ sub-tree, 'head': {'kernel', 'bias'}}.
-    centre: θ_{t−1}, same structure.
-    curvature: {'layers': {key: factors}, 'head': {'A', 'S'}} as produced by
-      `curvature.batch_curvature` / `curvature.accumulate`.
-    restricted: trace-restricted K-FAC for the backbone layers.
-
-  Returns:
-    The scalar penalty (without the task-count weight t).
-  """
-  diff = jax.tree.map(jnp.subtract, params, centre)
-  total = head_penalty(diff['head'], curvature['head'])
-  backbone = diff['backbone']
-  prefix = ('params',) if 'params' in backbone else ()
-  for key, factors in curvature['layers'].items():
-    module = _get(backbone, prefix + tuple(key.split('/')) if key else prefix)
-    total = total + layer_penalty(module['kernel'], module.get('bias'),
-                                  factors, restricted=restricted)
-  return total
-
-
-def penalty_value_and_grad(params: Params, centre: Params,
-                           curvature: Mapping[str, Any], *,
-                           restricted: bool = False):
-  """(R(θ), ∇R(θ)); the gradient reuses the products of the value."""
-  return jax.value_and_grad(
-      functools.partial(penalty, restricted=restricted))(
-          params, centre, curvature)
-
-
-def task_objective(data_loss: jax.Array, reg: jax.Array,
-                   num_prev_tasks: jax.Array | int) -> jax.Array:
-  """J_t = (L_t + t·R) / (t + 1), spec §3.2."""
-  t = jnp.asarray(num_prev_tasks, data_loss.dtype)
-  return (data_loss + t * reg) / (t + 1.0)
-
-
-def dense_penalty_matrix(curvature: Mapping[str, Any], params: Params, *,
-                         restricted: bool = False):
-  """The explicit block-diagonal H̄ and a flattening of θ (tests only).
-
-  Returns:
-    (H, flatten) where `flatten(params) -> 1-D array` orders the entries as
-    the blocks of H: for each layer in `curvature['layers']` order its kernel
-    matrix row-major, then the head [W; b] row-major.
-  """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import scipy.linalg  # pylint: disable=g-import-not-at-top
-  blocks = []
-  backbone = params['backbone']
-  prefix = ('params',) if 'params' in backbone else ()
-  for key, f in curvature['layers'].items():
-    m = curv_lib.kfac_dense_matrix(f)
+    Returns:
+      The scalar ½ vec(Δ)ᵀ (A ⊗ S) vec(Δ).
+    """
+    A, S = factors['A'], factors['S']
+    if S.ndim == 1:
+        value = depthwise_quadratic(
+            curv_lib.kernel_matrix(delta_kernel, None, 'depthwise'), A, S
+        )
+        tr_as = jnp.sum(jnp.trace(A, axis1=-2, axis2=-1) * S)
+    else:
+        value = kron_quadratic(
+            curv_lib.kernel_matrix(delta_kernel, delta_bias, 'dense'), A, S
+        )
+        tr_as = jnp.trace(A) * jnp.trace(S)
     if restricted:
-      A, S = np.asarray(f['A']), np.asarray(f['S'])
-      tr = (np.trace(A, axis1=-2, axis2=-1) * S).sum() if S.ndim == 1 else (
-          np.trace(A) * np.trace(S))
-      m = m * float(f['trace']) / tr
-    blocks.append(m)
-  blocks.append(np.kron(np.asarray(curvature['head']['A']),
-                        np.asarray(curvature['head']['S'])))
-  H = scipy.linalg.block_diag(*blocks)
+        # tr(A ⊗ S) = tr A · tr S for both layouts; guard empty statistics.
+        value = value * factors['trace'] / jnp.where(tr_as > 0, tr_as, 1.0)
+    return value
 
-  def flatten(p):
-    parts = []
+
+def head_penalty(
+    delta_head: Mapping[str, jax.Array], factors: Mapping[str, jax.Array]
+) -> jax.Array:
+    """½ vec(ΔW̄)ᵀ (A_head ⊗ S_head) vec(ΔW̄), W̄ = [W; b] of shape (D+1, C)."""
+    mat = jnp.concatenate(
+        [delta_head['kernel'], delta_head['bias'][None, :]], 0
+    )
+    return kron_quadratic(mat, factors['A'], factors['S'])
+
+
+def penalty(
+    params: Params,
+    centre: Params,
+    curvature: Mapping[str, Any],
+    *,
+    restricted: bool = False,
+) -> jax.Array:
+    """R(θ) over the backbone layers and the head.
+
+    Args:
+      params: {'backbone': Δψ sub-tree, 'head': {'kernel', 'bias'}}.
+      centre: θ_{t−1}, same structure.
+      curvature: {'layers': {key: factors}, 'head': {'A', 'S'}} as produced by
+        `curvature.batch_curvature` / `curvature.accumulate`.
+      restricted: trace-restricted K-FAC for the backbone layers.
+
+    Returns:
+      The scalar penalty (without the task-count weight t).
+    """
+    diff = jax.tree.map(jnp.subtract, params, centre)
+    total = head_penalty(diff['head'], curvature['head'])
+    backbone = diff['backbone']
+    prefix = ('params',) if 'params' in backbone else ()
+    for key, factors in curvature['layers'].items():
+        module = _get(
+            backbone, prefix + tuple(key.split('/')) if key else prefix
+        )
+        total = total + layer_penalty(
+            module['kernel'], module.get('bias'), factors, restricted=restricted
+        )
+    return total
+
+
+def penalty_value_and_grad(
+    params: Params,
+    centre: Params,
+    curvature: Mapping[str, Any],
+    *,
+    restricted: bool = False,
+):
+    """(R(θ), ∇R(θ)); the gradient reuses the products of the value."""
+    return jax.value_and_grad(
+        functools.partial(penalty, restricted=restricted)
+    )(params, centre, curvature)
+
+
+def task_objective(
+    data_loss: jax.Array, reg: jax.Array, num_prev_tasks: jax.Array | int
+) -> jax.Array:
+    """J_t = (L_t + t·R) / (t + 1), spec §3.2."""
+    t = jnp.asarray(num_prev_tasks, data_loss.dtype)
+    return (data_loss + t * reg) / (t + 1.0)
+
+
+def dense_penalty_matrix(
+    curvature: Mapping[str, Any], params: Params, *, restricted: bool = False
+):
+    """The explicit block-diagonal H̄ and a flattening of θ (tests only).
+
+    Returns:
+      (H, flatten) where `flatten(params) -> 1-D array` orders the entries as
+      the blocks of H: for each layer in `curvature['layers']` order its kernel
+      matrix row-major, then the head [W; b] row-major.
+    """
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    import scipy.linalg  # pylint: disable=g-import-not-at-top
+
+    blocks = []
+    backbone = params['backbone']
+    prefix = ('params',) if 'params' in backbone else ()
     for key, f in curvature['layers'].items():
-      module = _get(p['backbone'], prefix + tuple(key.split('/')))
-      kind = 'depthwise' if np.ndim(f['S']) == 1 else 'dense'
-      parts.append(curv_lib.kernel_matrix(
-          module['kernel'], module.get('bias') if kind == 'dense' else None,
-          kind).reshape(-1))
-    head = p['head']
-    parts.append(jnp.concatenate([head['kernel'], head['bias'][None]],
-                                 0).reshape(-1))
-    return jnp.concatenate(parts)
+        m = curv_lib.kfac_dense_matrix(f)
+        if restricted:
+            A, S = np.asarray(f['A']), np.asarray(f['S'])
+            tr = (
+                (np.trace(A, axis1=-2, axis2=-1) * S).sum()
+                if S.ndim == 1
+                else (np.trace(A) * np.trace(S))
+            )
+            m = m * float(f['trace']) / tr
+        blocks.append(m)
+    blocks.append(
+        np.kron(
+            np.asarray(curvature['head']['A']),
+            np.asarray(curvature['head']['S']),
+        )
+    )
+    H = scipy.linalg.block_diag(*blocks)
 
-  return H, flatten
+    def flatten(p):
+        parts = []
+        for key, f in curvature['layers'].items():
+            module = _get(p['backbone'], prefix + tuple(key.split('/')))
+            kind = 'depthwise' if np.ndim(f['S']) == 1 else 'dense'
+            parts.append(
+                curv_lib.kernel_matrix(
+                    module['kernel'],
+                    module.get('bias') if kind == 'dense' else None,
+                    kind,
+                ).reshape(-1)
+            )
+        head = p['head']
+        parts.append(
+            jnp.concatenate([head['kernel'], head['bias'][None]], 0).reshape(-1)
+        )
+        return jnp.concatenate(parts)
+
+    return H, flatten

@@ -18,23 +18,27 @@ from ml_collections import config_flags
 from experiments import train
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'A config file under experiments/configs/.',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None,
-                               'Folder for results.json and logs.')
+    'config',
+    None,
+    'A config file under experiments/configs/.',
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Folder for results.json and logs.'
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (train.ConfigError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    logging.set_verbosity(logging.INFO)
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (train.ConfigError, FileNotFoundError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == '__main__':
-  app.run(main)
+    app.run(main)

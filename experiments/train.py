@@ -41,288 +41,403 @@ METHODS = ('dlcft', 'finetune')
 
 
 class ConfigError(ValueError):
-  """A configuration the run cannot use; the message says what to change."""
+    """A configuration the run cannot use; the message says what to change."""
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
-  def need(ok, msg):
-    if not ok:
-      raise ConfigError(msg)
+    def need(ok, msg):
+        if not ok:
+            raise ConfigError(msg)
 
-  need(config.setting in SETTINGS,
-       f'config.setting={config.setting!r} is not available in this release; '
-       f'use one of {SETTINGS}.')
-  need(config.method in METHODS,
-       f'config.method={config.method!r} is unknown; use one of {METHODS}.')
-  need(config.data.num_tasks >= 1 and config.data.classes_per_task >= 1,
-       'config.data.num_tasks and config.data.classes_per_task must be >= 1.')
-  need(config.train.batch_size >= 1 and config.train.steps_per_task >= 1,
-       'config.train.batch_size and config.train.steps_per_task must be >= 1.')
-  need(config.train.first_task_multiplier >= 1,
-       'config.train.first_task_multiplier must be >= 1.')
-  need(config.replay.buffer_size >= 0 and config.replay.batch_size >= 0,
-       'config.replay.buffer_size and config.replay.batch_size must be >= 0.')
-  need(config.curvature.kind in ('kfac', 'tkfac'),
-       "config.curvature.kind must be 'kfac' or 'tkfac'.")
-  need(config.curvature.num_batches >= 1 and config.curvature.batch_size >= 1,
-       'config.curvature.num_batches and batch_size must be >= 1.')
-  need(config.backbone.image_size >= 8,
-       'config.backbone.image_size must be at least 8 pixels.')
+    need(
+        config.setting in SETTINGS,
+        f'config.setting={config.setting!r} is not available in this release; '
+        f'use one of {SETTINGS}.',
+    )
+    need(
+        config.method in METHODS,
+        f'config.method={config.method!r} is unknown; use one of {METHODS}.',
+    )
+    need(
+        config.data.num_tasks >= 1 and config.data.classes_per_task >= 1,
+        'config.data.num_tasks and config.data.classes_per_task must be >= 1.',
+    )
+    need(
+        config.train.batch_size >= 1 and config.train.steps_per_task >= 1,
+        'config.train.batch_size and config.train.steps_per_task must be >= 1.',
+    )
+    need(
+        config.train.first_task_multiplier >= 1,
+        'config.train.first_task_multiplier must be >= 1.',
+    )
+    need(
+        config.replay.buffer_size >= 0 and config.replay.batch_size >= 0,
+        'config.replay.buffer_size and config.replay.batch_size must be >= 0.',
+    )
+    need(
+        config.curvature.kind in ('kfac', 'tkfac'),
+        "config.curvature.kind must be 'kfac' or 'tkfac'.",
+    )
+    need(
+        config.curvature.num_batches >= 1 and config.curvature.batch_size >= 1,
+        'config.curvature.num_batches and batch_size must be >= 1.',
+    )
+    need(
+        config.backbone.image_size >= 8,
+        'config.backbone.image_size must be at least 8 pixels.',
+    )
 
 
 def method_config(config: ml_collections.ConfigDict) -> dj.MethodConfig:
-  """The `MethodConfig` of `config.method`, with the config's overrides."""
-  o = config.optim
-  overrides: dict[str, Any] = dict(weight_decay=o.weight_decay,
-                                   clip_norm=o.clip_norm, schedule=o.schedule,
-                                   alpha=o.alpha)
-  for key, name in (('optimizer', 'name'), ('learning_rate', 'learning_rate'),
-                    ('proximal', 'proximal')):
-    if o[name] is not None:
-      overrides[key] = o[name]
-  if config.method == 'dlcft':
-    overrides['regularizer'] = config.curvature.kind
-    return dj.MethodConfig.dlcft(**overrides)
-  return dj.MethodConfig.finetune(**overrides)
+    """The `MethodConfig` of `config.method`, with the config's overrides."""
+    o = config.optim
+    overrides: dict[str, Any] = dict(
+        weight_decay=o.weight_decay,
+        clip_norm=o.clip_norm,
+        schedule=o.schedule,
+        alpha=o.alpha,
+    )
+    for key, name in (
+        ('optimizer', 'name'),
+        ('learning_rate', 'learning_rate'),
+        ('proximal', 'proximal'),
+    ):
+        if o[name] is not None:
+            overrides[key] = o[name]
+    if config.method == 'dlcft':
+        overrides['regularizer'] = config.curvature.kind
+        return dj.MethodConfig.dlcft(**overrides)
+    return dj.MethodConfig.finetune(**overrides)
 
 
-def build_backbone(config: ml_collections.ConfigDict
-                   ) -> tuple[Callable[..., jax.Array], Any]:
-  """(apply_fn on uint8 images, pre-trained variables) of the backbone."""
-  from dlcft_jax import models  # pylint: disable=g-import-not-at-top
-  b = config.backbone
-  if b.name == 'efficientnet_lite0':
-    variables, _ = models.load_efficientnet_lite0(b.weights)
-    net = models.EfficientNetLite0(activation=b.activation)
-    preprocess = models.preprocess
-  elif b.name == 'small_cnn':  # a tiny random network for tests
-    from dlcft_jax.models import small_cnn  # pylint: disable=g-import-not-at-top
-    net = small_cnn.SmallConvNet(width=8, features=16,
-                                 depthwise_impl='shift')
-    variables = net.init(jax.random.key(config.seed),
-                         jnp.zeros((1, b.image_size, b.image_size, 3)))
-    preprocess = lambda x: jnp.asarray(x, jnp.float32) / 127.5 - 1.0
-  else:
-    raise ConfigError(f'config.backbone.name={b.name!r} is unknown; use '
-                      "'efficientnet_lite0' or 'small_cnn'.")
-  size = b.image_size
+def build_backbone(
+    config: ml_collections.ConfigDict,
+) -> tuple[Callable[..., jax.Array], Any]:
+    """(apply_fn on uint8 images, pre-trained variables) of the backbone."""
+    from dlcft_jax import models  # pylint: disable=g-import-not-at-top
 
-  def apply_fn(variables, images):
-    x = jnp.asarray(images, jnp.float32)
-    if x.shape[1:3] != (size, size):
-      x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]),
-                           method='bilinear')
-    return net.apply(variables, preprocess(x))
+    b = config.backbone
+    if b.name == 'efficientnet_lite0':
+        variables, _ = models.load_efficientnet_lite0(b.weights)
+        net = models.EfficientNetLite0(activation=b.activation)
+        preprocess = models.preprocess
+    elif b.name == 'small_cnn':  # a tiny random network for tests
+        from dlcft_jax.models import small_cnn  # pylint: disable=g-import-not-at-top
 
-  return apply_fn, variables
+        net = small_cnn.SmallConvNet(
+            width=8, features=16, depthwise_impl='shift'
+        )
+        variables = net.init(
+            jax.random.key(config.seed),
+            jnp.zeros((1, b.image_size, b.image_size, 3)),
+        )
+        preprocess = lambda x: jnp.asarray(x, jnp.float32) / 127.5 - 1.0
+    else:
+        raise ConfigError(
+            f'config.backbone.name={b.name!r} is unknown; use '
+            "'efficientnet_lite0' or 'small_cnn'."
+        )
+    size = b.image_size
+
+    def apply_fn(variables, images):
+        x = jnp.asarray(images, jnp.float32)
+        if x.shape[1:3] != (size, size):
+            x = jax.image.resize(
+                x, (x.shape[0], size, size, x.shape[3]), method='bilinear'
+            )
+        return net.apply(variables, preprocess(x))
+
+    return apply_fn, variables
 
 
 def _setup_compilation_cache(config: ml_collections.ConfigDict) -> None:
-  path = config.compilation_cache_dir
-  if path == '':
-    return
-  if path is None:
-    path = os.path.join(os.path.expanduser('~'), '.cache', 'dlcft_jax', 'xla')
-  os.makedirs(path, exist_ok=True)
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    path = config.compilation_cache_dir
+    if path == '':
+        return
+    if path is None:
+        path = os.path.join(
+            os.path.expanduser('~'), '.cache', 'dlcft_jax', 'xla'
+        )
+    os.makedirs(path, exist_ok=True)
+    jax.config.update('jax_compilation_cache_dir', path)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
 def _load_data(config):
-  npz_dir = config.data.npz_dir or str(DEFAULT_NPZ_DIR)
-  x_train, y_train = data_lib.load_npz(npz_dir, 'train')
-  x_test, y_test = data_lib.load_npz(npz_dir, 'test')
-  num_classes = config.data.num_tasks * config.data.classes_per_task
-  order = None
-  if config.data.class_order_seed is not None:
-    order = np.random.default_rng(config.data.class_order_seed).permutation(
-        int(max(y_train.max(), y_test.max())) + 1)[:num_classes].tolist()
-  tasks = data_lib.class_incremental_split(
-      y_train, config.data.classes_per_task, config.data.num_tasks, order)
-  # Map the run's classes to head rows 0..C−1 in task order.
-  row = {int(c): i for i, c in enumerate(np.concatenate(tasks))}
-  out = []
-  for classes in tasks:
-    tr = data_lib.task_indices(y_train, classes)
-    te = data_lib.task_indices(y_test, classes)
-    if len(tr) < config.train.batch_size:
-      raise ConfigError(
-          f'Task with classes {list(map(int, classes))} has {len(tr)} '
-          f'training images, fewer than config.train.batch_size='
-          f'{config.train.batch_size}; lower the batch size.')
-    if len(te) == 0:
-      raise ConfigError(f'Task with classes {list(map(int, classes))} has no '
-                        'test images in the data.')
-    remap = np.vectorize(row.__getitem__, otypes=[np.int32])
-    out.append({'classes': [int(c) for c in classes],
-                'x_train': x_train[tr], 'y_train': remap(y_train[tr]),
-                'x_test': x_test[te], 'y_test': remap(y_test[te])})
-  return out, num_classes
+    npz_dir = config.data.npz_dir or str(DEFAULT_NPZ_DIR)
+    x_train, y_train = data_lib.load_npz(npz_dir, 'train')
+    x_test, y_test = data_lib.load_npz(npz_dir, 'test')
+    num_classes = config.data.num_tasks * config.data.classes_per_task
+    order = None
+    if config.data.class_order_seed is not None:
+        order = (
+            np.random.default_rng(config.data.class_order_seed)
+            .permutation(int(max(y_train.max(), y_test.max())) + 1)[
+                :num_classes
+            ]
+            .tolist()
+        )
+    tasks = data_lib.class_incremental_split(
+        y_train, config.data.classes_per_task, config.data.num_tasks, order
+    )
+    # Map the run's classes to head rows 0..C−1 in task order.
+    row = {int(c): i for i, c in enumerate(np.concatenate(tasks))}
+    out = []
+    for classes in tasks:
+        tr = data_lib.task_indices(y_train, classes)
+        te = data_lib.task_indices(y_test, classes)
+        if len(tr) < config.train.batch_size:
+            raise ConfigError(
+                f'Task with classes {list(map(int, classes))} has {len(tr)} '
+                f'training images, fewer than config.train.batch_size='
+                f'{config.train.batch_size}; lower the batch size.'
+            )
+        if len(te) == 0:
+            raise ConfigError(
+                f'Task with classes {list(map(int, classes))} has no '
+                'test images in the data.'
+            )
+        remap = np.vectorize(row.__getitem__, otypes=[np.int32])
+        out.append(
+            {
+                'classes': [int(c) for c in classes],
+                'x_train': x_train[tr],
+                'y_train': remap(y_train[tr]),
+                'x_test': x_test[te],
+                'y_test': remap(y_test[te]),
+            }
+        )
+    return out, num_classes
 
 
 def _augment(images, rng, enabled):
-  return data_lib.augment_crop_flip(images, rng) if enabled else images
+    return data_lib.augment_crop_flip(images, rng) if enabled else images
 
 
 def _evaluate(predict_fn, state, x, y, batch_size, class_mask):
-  correct, total = 0.0, 0.0
-  for b in data_lib.eval_batches(x, y, batch_size):
-    logits = predict_fn(state, jnp.asarray(b['image']))
-    pred = np.asarray(jnp.argmax(losses.masked_logits(logits, class_mask), -1))
-    correct += float(np.sum((pred == b['label']) * b['mask']))
-    total += float(np.sum(b['mask']))
-  return 100.0 * correct / total
+    correct, total = 0.0, 0.0
+    for b in data_lib.eval_batches(x, y, batch_size):
+        logits = predict_fn(state, jnp.asarray(b['image']))
+        pred = np.asarray(
+            jnp.argmax(losses.masked_logits(logits, class_mask), -1)
+        )
+        correct += float(np.sum((pred == b['label']) * b['mask']))
+        total += float(np.sum(b['mask']))
+    return 100.0 * correct / total
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
-  """Runs the continual fine-tuning job of `config`; writes results.json.
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, Any]:
+    """Runs the continual fine-tuning job of `config`; writes results.json.
 
-  Args:
-    config: see `experiments/configs/class_il.py`.
-    workdir: output folder (created if missing).
+    Args:
+      config: see `experiments/configs/class_il.py`.
+      workdir: output folder (created if missing).
 
-  Returns:
-    The results dict that was written to `workdir/results.json`.
-  """
-  _check_config(config)
-  t_start = time.time()
-  _setup_compilation_cache(config)
-  workdir_path = Path(workdir)
-  workdir_path.mkdir(parents=True, exist_ok=True)
-  log_path = workdir_path / 'log.jsonl'
-  log_file = open(log_path, 'w', encoding='utf-8')
+    Returns:
+      The results dict that was written to `workdir/results.json`.
+    """
+    _check_config(config)
+    t_start = time.time()
+    _setup_compilation_cache(config)
+    workdir_path = Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    log_path = workdir_path / 'log.jsonl'
+    log_file = open(log_path, 'w', encoding='utf-8')
 
-  tasks, num_classes = _load_data(config)
-  apply_fn, variables = build_backbone(config)
-  mcfg = method_config(config)
-  rng = np.random.default_rng(config.seed)
-  key = jax.random.key(config.seed)
+    tasks, num_classes = _load_data(config)
+    apply_fn, variables = build_backbone(config)
+    mcfg = method_config(config)
+    rng = np.random.default_rng(config.seed)
+    key = jax.random.key(config.seed)
 
-  use_replay = config.replay.buffer_size > 0 and config.replay.batch_size > 0
-  replay_bs = config.replay.batch_size if use_replay else 0
-  batch_size = config.train.batch_size + replay_bs
-  example = jnp.zeros((batch_size,) + tasks[0]['x_train'].shape[1:], jnp.uint8)
-  state = dj.create_state(apply_fn, variables, num_classes=num_classes,
-                          example_input=example, config=mcfg)
-  buffer = data_lib.ReplayBuffer(config.replay.buffer_size) if use_replay \
-      else None
-  step_fn = jax.jit(dj.train_state.step)
-  predict_fn = jax.jit(dj.predict)
-  curv_fn = jax.jit(dj.train_state.curvature_step)
+    use_replay = config.replay.buffer_size > 0 and config.replay.batch_size > 0
+    replay_bs = config.replay.batch_size if use_replay else 0
+    batch_size = config.train.batch_size + replay_bs
+    example = jnp.zeros(
+        (batch_size,) + tasks[0]['x_train'].shape[1:], jnp.uint8
+    )
+    state = dj.create_state(
+        apply_fn,
+        variables,
+        num_classes=num_classes,
+        example_input=example,
+        config=mcfg,
+    )
+    buffer = (
+        data_lib.ReplayBuffer(config.replay.buffer_size) if use_replay else None
+    )
+    step_fn = jax.jit(dj.train_state.step)
+    predict_fn = jax.jit(dj.predict)
+    curv_fn = jax.jit(dj.train_state.curvature_step)
 
-  num_tasks = len(tasks)
-  acc = [[None] * num_tasks for _ in range(num_tasks)]
-  task_log = []
-  logging.info('%s / %s: %d tasks, %d classes, backbone %s at %d px',
-               config.setting, config.method, num_tasks, num_classes,
-               config.backbone.name, config.backbone.image_size)
-  for t, task in enumerate(tasks):
-    t_task = time.time()
-    n_steps = config.train.steps_per_task * (
-        config.train.first_task_multiplier if t == 0 else 1)
-    seen = np.zeros((num_classes,), np.float32)
-    seen[:(t + 1) * config.data.classes_per_task] = 1.0
-    state = dj.begin_task(state, num_steps=n_steps, class_mask=seen)
-    it = data_lib.batches(task['x_train'], task['y_train'],
-                          config.train.batch_size, rng)
-    extra = data_lib.batches(task['x_train'], task['y_train'],
-                             max(replay_bs, 1), rng) if replay_bs else None
-    window_start, window_images = time.time(), 0
-    for k in range(n_steps):
-      b = next(it)
-      images, labels = b['image'], b['label']
-      if replay_bs:
-        r = buffer.sample(replay_bs, rng) if len(buffer) else next(extra)
-        images = np.concatenate([images, r['image']])
-        labels = np.concatenate([labels, r['label'].astype(np.int32)])
-      images = _augment(images, rng, config.data.augment)
-      state, m = step_fn(state, {'image': jnp.asarray(images),
-                                 'label': jnp.asarray(labels)})
-      window_images += len(labels)
-      if (k + 1) % config.train.log_every == 0 or k + 1 == n_steps:
-        m = {name: float(v) for name, v in jax.device_get(m).items()}
-        if not all(math.isfinite(v) for v in m.values()):
-          raise FloatingPointError(
-              f'Non-finite metrics at task {t} step {k + 1}: {m}. Lower '
-              'config.optim.learning_rate or check the data.')
-        rate = window_images / max(time.time() - window_start, 1e-9)
+    num_tasks = len(tasks)
+    acc = [[None] * num_tasks for _ in range(num_tasks)]
+    task_log = []
+    logging.info(
+        '%s / %s: %d tasks, %d classes, backbone %s at %d px',
+        config.setting,
+        config.method,
+        num_tasks,
+        num_classes,
+        config.backbone.name,
+        config.backbone.image_size,
+    )
+    for t, task in enumerate(tasks):
+        t_task = time.time()
+        n_steps = config.train.steps_per_task * (
+            config.train.first_task_multiplier if t == 0 else 1
+        )
+        seen = np.zeros((num_classes,), np.float32)
+        seen[: (t + 1) * config.data.classes_per_task] = 1.0
+        state = dj.begin_task(state, num_steps=n_steps, class_mask=seen)
+        it = data_lib.batches(
+            task['x_train'], task['y_train'], config.train.batch_size, rng
+        )
+        extra = (
+            data_lib.batches(
+                task['x_train'], task['y_train'], max(replay_bs, 1), rng
+            )
+            if replay_bs
+            else None
+        )
         window_start, window_images = time.time(), 0
-        print(f'task {t + 1}/{num_tasks} step {k + 1:4d}/{n_steps} '
-              f"loss {m['loss']:9.4f} data {m['data_loss']:9.4f} "
-              f"penalty {m['penalty']:9.4f} acc {100 * m['accuracy']:5.1f}% "
-              f'{rate:7.1f} img/s', flush=True)
-        log_file.write(json.dumps({'task': t, 'step': k + 1, **m,
-                                   'images_per_s': rate}) + '\n')
+        for k in range(n_steps):
+            b = next(it)
+            images, labels = b['image'], b['label']
+            if replay_bs:
+                r = (
+                    buffer.sample(replay_bs, rng)
+                    if len(buffer)
+                    else next(extra)
+                )
+                images = np.concatenate([images, r['image']])
+                labels = np.concatenate([labels, r['label'].astype(np.int32)])
+            images = _augment(images, rng, config.data.augment)
+            state, m = step_fn(
+                state,
+                {'image': jnp.asarray(images), 'label': jnp.asarray(labels)},
+            )
+            window_images += len(labels)
+            if (k + 1) % config.train.log_every == 0 or k + 1 == n_steps:
+                m = {name: float(v) for name, v in jax.device_get(m).items()}
+                if not all(math.isfinite(v) for v in m.values()):
+                    raise FloatingPointError(
+                        f'Non-finite metrics at task {t} step {k + 1}: {m}. Lower '
+                        'config.optim.learning_rate or check the data.'
+                    )
+                rate = window_images / max(time.time() - window_start, 1e-9)
+                window_start, window_images = time.time(), 0
+                print(
+                    f'task {t + 1}/{num_tasks} step {k + 1:4d}/{n_steps} '
+                    f"loss {m['loss']:9.4f} data {m['data_loss']:9.4f} "
+                    f"penalty {m['penalty']:9.4f} acc {100 * m['accuracy']:5.1f}% "
+                    f'{rate:7.1f} img/s',
+                    flush=True,
+                )
+                log_file.write(
+                    json.dumps(
+                        {'task': t, 'step': k + 1, **m, 'images_per_s': rate}
+                    )
+                    + '\n'
+                )
+                log_file.flush()
+        train_s = time.time() - t_task
+
+        t_curv = time.time()
+        if mcfg.regularizer != 'none':
+            key, sub = jax.random.split(key)
+            cb = data_lib.batches(
+                task['x_train'],
+                task['y_train'],
+                config.curvature.batch_size,
+                rng,
+            )
+            stats = []
+            for i in range(config.curvature.num_batches):
+                b = next(cb)
+                images = _augment(b['image'], rng, config.data.augment)
+                stats.append(
+                    curv_fn(
+                        state,
+                        {
+                            'image': jnp.asarray(images),
+                            'label': jnp.asarray(b['label']),
+                        },
+                        jax.random.fold_in(sub, i),
+                    )
+                )
+            state = dj.end_task(state, dj.curvature.mean_curvature(stats))
+        else:
+            state = dj.end_task(state, None)
+        curv_s = time.time() - t_curv
+
+        if buffer is not None:
+            buffer.add(task['x_train'], task['y_train'], t, rng=rng)
+
+        for j in range(t + 1):
+            acc[t][j] = _evaluate(
+                predict_fn,
+                state,
+                tasks[j]['x_test'],
+                tasks[j]['y_test'],
+                config.eval.batch_size,
+                jnp.asarray(seen),
+            )
+        r = [row[: t + 1] for row in acc[: t + 1]]
+        avg = metrics_lib.average_accuracy(r)
+        summary = {
+            'task': t,
+            'classes': task['classes'],
+            'accuracy': acc[t][: t + 1],
+            'average_accuracy': avg,
+            'forgetting': metrics_lib.forgetting(r),
+            'backward_transfer': metrics_lib.backward_transfer(r),
+            'train_s': train_s,
+            'curvature_s': curv_s,
+        }
+        task_log.append(summary)
+        log_file.write(json.dumps({'event': 'task_end', **summary}) + '\n')
         log_file.flush()
-    train_s = time.time() - t_task
+        print(
+            f'after task {t + 1}: '
+            + ' '.join(f'T{j + 1} {acc[t][j]:5.1f}%' for j in range(t + 1))
+            + f' | average {avg:5.2f}% | forgetting '
+            f"{summary['forgetting']:5.2f} | train {train_s:.0f}s curvature "
+            f'{curv_s:.0f}s',
+            flush=True,
+        )
 
-    t_curv = time.time()
-    if mcfg.regularizer != 'none':
-      key, sub = jax.random.split(key)
-      cb = data_lib.batches(task['x_train'], task['y_train'],
-                            config.curvature.batch_size, rng)
-      stats = []
-      for i in range(config.curvature.num_batches):
-        b = next(cb)
-        images = _augment(b['image'], rng, config.data.augment)
-        stats.append(curv_fn(state, {'image': jnp.asarray(images),
-                                     'label': jnp.asarray(b['label'])},
-                             jax.random.fold_in(sub, i)))
-      state = dj.end_task(state, dj.curvature.mean_curvature(stats))
-    else:
-      state = dj.end_task(state, None)
-    curv_s = time.time() - t_curv
-
-    if buffer is not None:
-      buffer.add(task['x_train'], task['y_train'], t, rng=rng)
-
-    for j in range(t + 1):
-      acc[t][j] = _evaluate(predict_fn, state, tasks[j]['x_test'],
-                            tasks[j]['y_test'], config.eval.batch_size,
-                            jnp.asarray(seen))
-    r = [row[:t + 1] for row in acc[:t + 1]]
-    avg = metrics_lib.average_accuracy(r)
-    summary = {'task': t, 'classes': task['classes'],
-               'accuracy': acc[t][:t + 1], 'average_accuracy': avg,
-               'forgetting': metrics_lib.forgetting(r),
-               'backward_transfer': metrics_lib.backward_transfer(r),
-               'train_s': train_s, 'curvature_s': curv_s}
-    task_log.append(summary)
-    log_file.write(json.dumps({'event': 'task_end', **summary}) + '\n')
-    log_file.flush()
-    print(f'after task {t + 1}: ' + ' '.join(
-        f'T{j + 1} {acc[t][j]:5.1f}%' for j in range(t + 1)) +
-          f' | average {avg:5.2f}% | forgetting '
-          f"{summary['forgetting']:5.2f} | train {train_s:.0f}s curvature "
-          f'{curv_s:.0f}s', flush=True)
-
-  log_file.close()
-  final = [row for row in acc]
-  results = {
-      'setting': config.setting,
-      'method': config.method,
-      'num_tasks': num_tasks,
-      'classes_per_task': config.data.classes_per_task,
-      'task_classes': [task['classes'] for task in tasks],
-      'accuracy_matrix': final,
-      'average_accuracy': metrics_lib.average_accuracy(final),
-      'forgetting': metrics_lib.forgetting(final),
-      'backward_transfer': metrics_lib.backward_transfer(final),
-      'per_task': task_log,
-      'wall_time_s': time.time() - t_start,
-      'method_config': {k: getattr(mcfg, k) for k in
-                        mcfg.__dataclass_fields__},
-      'config': json.loads(config.to_json_best_effort()),
-      'devices': [str(d) for d in jax.devices()],
-      'jax_version': jax.__version__,
-  }
-  with open(workdir_path / 'results.json', 'w', encoding='utf-8') as f:
-    json.dump(results, f, indent=2)
-  print('\naccuracy matrix (row: after task i, column: test data of task j)')
-  print(metrics_lib.format_accuracy_matrix(final))
-  print(f"average accuracy {results['average_accuracy']:.2f}% | forgetting "
+    log_file.close()
+    final = [row for row in acc]
+    results = {
+        'setting': config.setting,
+        'method': config.method,
+        'num_tasks': num_tasks,
+        'classes_per_task': config.data.classes_per_task,
+        'task_classes': [task['classes'] for task in tasks],
+        'accuracy_matrix': final,
+        'average_accuracy': metrics_lib.average_accuracy(final),
+        'forgetting': metrics_lib.forgetting(final),
+        'backward_transfer': metrics_lib.backward_transfer(final),
+        'per_task': task_log,
+        'wall_time_s': time.time() - t_start,
+        'method_config': {
+            k: getattr(mcfg, k) for k in mcfg.__dataclass_fields__
+        },
+        'config': json.loads(config.to_json_best_effort()),
+        'devices': [str(d) for d in jax.devices()],
+        'jax_version': jax.__version__,
+    }
+    with open(workdir_path / 'results.json', 'w', encoding='utf-8') as f:
+        json.dump(results, f, indent=2)
+    print('\naccuracy matrix (row: after task i, column: test data of task j)')
+    print(metrics_lib.format_accuracy_matrix(final))
+    print(
+        f"average accuracy {results['average_accuracy']:.2f}% | forgetting "
         f"{results['forgetting']:.2f} | backward transfer "
         f"{results['backward_transfer']:.2f} | wall time "
-        f"{results['wall_time_s']:.0f} s -> {workdir_path / 'results.json'}")
-  return results
+        f"{results['wall_time_s']:.0f} s -> {workdir_path / 'results.json'}"
+    )
+    return results

@@ -71,6 +71,8 @@ def shared_dir(repo_root: Path) -> Path:
     """The project's ``shared/`` folder beside the repository; skips if absent."""
     path = repo_root.parent / "shared"
     if not path.is_dir():
-        pytest.skip(f"shared/ folder not found at {path} (it lies beside the "
-                    "repository on the project's machines)")
+        pytest.skip(
+            f"shared/ folder not found at {path} (it lies beside the "
+            "repository on the project's machines)"
+        )
     return path

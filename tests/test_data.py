@@ -9,14 +9,15 @@ import pytest
 
 from dlcft_jax import data
 
-_SUBSET_DIR = os.path.join(os.path.dirname(__file__), '..', 'experiments',
-                           'data', 'cifar10_5x2')
+_SUBSET_DIR = os.path.join(
+    os.path.dirname(__file__), '..', 'experiments', 'data', 'cifar10_5x2'
+)
 
 
 def _random_images(n: int, seed: int = 0, size: int = 8) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0,
-                                                256, (n, size, size, 3),
-                                                dtype=np.uint8)
+    return np.random.default_rng(seed).integers(
+        0, 256, (n, size, size, 3), dtype=np.uint8
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -44,19 +45,25 @@ def test_load_npz_errors(tmp_path):
     np.savez(tmp_path / 'count.npz', image=_random_images(3), label=np.zeros(2))
     with pytest.raises(ValueError, match='integer'):
         data.load_npz(tmp_path / 'count.npz', 'train')
-    np.savez(tmp_path / 'count2.npz',
-             image=_random_images(3),
-             label=np.zeros(2, np.int64))
+    np.savez(
+        tmp_path / 'count2.npz',
+        image=_random_images(3),
+        label=np.zeros(2, np.int64),
+    )
     with pytest.raises(ValueError, match='2 entries but there are 3 images'):
         data.load_npz(tmp_path / 'count2.npz', 'train')
-    np.savez(tmp_path / 'float.npz',
-             image=np.zeros((2, 4, 4, 3), np.float32),
-             label=np.zeros(2, np.int64))
+    np.savez(
+        tmp_path / 'float.npz',
+        image=np.zeros((2, 4, 4, 3), np.float32),
+        label=np.zeros(2, np.int64),
+    )
     with pytest.raises(ValueError, match='uint8'):
         data.load_npz(tmp_path / 'float.npz', 'train')
-    np.savez(tmp_path / 'nchw.npz',
-             image=np.zeros((2, 3, 4, 4), np.uint8),
-             label=np.zeros(2, np.int64))
+    np.savez(
+        tmp_path / 'nchw.npz',
+        image=np.zeros((2, 3, 4, 4), np.uint8),
+        label=np.zeros(2, np.int64),
+    )
     with pytest.raises(ValueError, match='NHWC'):
         data.load_npz(tmp_path / 'nchw.npz', 'train')
 
@@ -71,8 +78,9 @@ def test_committed_cifar10_subset_matches_readme():
         assert re.search(rf'`{split}.npz`.*{digest}', readme), split
         images, labels = data.load_npz(_SUBSET_DIR, split)
         assert images.shape == (10 * per_class, 32, 32, 3)
-        np.testing.assert_array_equal(np.bincount(labels),
-                                      np.full(10, per_class))
+        np.testing.assert_array_equal(
+            np.bincount(labels), np.full(10, per_class)
+        )
     assert total < 12_000_000
 
 
@@ -84,8 +92,13 @@ def test_committed_cifar10_subset_matches_readme():
 def test_split_natural_order_is_disjoint_and_covers():
     labels = np.repeat(np.arange(10), 3)
     tasks = data.class_incremental_split(labels, 2, 5)
-    assert [t.tolist() for t in tasks] == [[0, 1], [2, 3], [4, 5], [6, 7],
-                                           [8, 9]]
+    assert [t.tolist() for t in tasks] == [
+        [0, 1],
+        [2, 3],
+        [4, 5],
+        [6, 7],
+        [8, 9],
+    ]
     indices = [data.task_indices(labels, t) for t in tasks]
     joined = np.concatenate(indices)
     # Every example belongs to exactly one task.
@@ -158,9 +171,10 @@ def test_crop_is_a_window_of_the_zero_padded_image():
         matches = []
         for dy in range(2 * pad + 1):
             for dx in range(2 * pad + 1):
-                window = padded[k, dy:dy + 8, dx:dx + 8]
-                if (np.array_equal(out[k], window) or
-                        np.array_equal(out[k], window[:, ::-1])):
+                window = padded[k, dy : dy + 8, dx : dx + 8]
+                if np.array_equal(out[k], window) or np.array_equal(
+                    out[k], window[:, ::-1]
+                ):
                     matches.append((dy, dx))
         assert matches, f'image {k} is not a padded crop'
         offsets.append(matches[0])
@@ -197,26 +211,33 @@ def test_batches_remainder_handling():
     images = _random_images(n, size=2)
     labels = np.arange(n, dtype=np.int32)
     dropped = list(
-        data.batches(images, labels, bs, np.random.default_rng(0), epochs=1))
+        data.batches(images, labels, bs, np.random.default_rng(0), epochs=1)
+    )
     assert len(dropped) == 2
     kept = list(
-        data.batches(images,
-                     labels,
-                     bs,
-                     np.random.default_rng(0),
-                     drop_remainder=False,
-                     epochs=1))
+        data.batches(
+            images,
+            labels,
+            bs,
+            np.random.default_rng(0),
+            drop_remainder=False,
+            epochs=1,
+        )
+    )
     assert len(kept) == 3 and all(b['label'].shape == (bs,) for b in kept)
     # Every example is seen at least once in the epoch.
     assert set(np.concatenate([b['label'] for b in kept])) == set(range(n))
     # Fewer examples than a batch still gives full batches without dropping.
     small = list(
-        data.batches(images[:3],
-                     labels[:3],
-                     8,
-                     np.random.default_rng(0),
-                     drop_remainder=False,
-                     epochs=1))
+        data.batches(
+            images[:3],
+            labels[:3],
+            8,
+            np.random.default_rng(0),
+            drop_remainder=False,
+            epochs=1,
+        )
+    )
     assert len(small) == 1 and small[0]['label'].shape == (8,)
     with pytest.raises(ValueError, match='drop_remainder=False'):
         next(data.batches(images, labels, 16, np.random.default_rng(0)))
@@ -246,7 +267,9 @@ def test_eval_batches_pad_with_mask():
     mask = np.concatenate([b['mask'] for b in out]).astype(bool)
     # The real rows, in order, are exactly the input.
     np.testing.assert_array_equal(
-        np.concatenate([b['label'] for b in out])[mask], labels)
+        np.concatenate([b['label'] for b in out])[mask], labels
+    )
     np.testing.assert_array_equal(
-        np.concatenate([b['image'] for b in out])[mask], images)
+        np.concatenate([b['image'] for b in out])[mask], images
+    )
     assert mask.sum() == n

@@ -76,8 +76,9 @@ def test_matches_xla_value_jvp_vjp(x64, h, w, c, kernel, strides, padding):
     x_dot = jnp.asarray(rng.standard_normal(x.shape))
     k_dot = jnp.asarray(rng.standard_normal(k.shape))
     jvp = lambda f: jax.jit(lambda *a: jax.jvp(f, a[:2], a[2:])[1])
-    np.testing.assert_allclose(jvp(shift)(x, k, x_dot, k_dot),
-                               jvp(ref)(x, k, x_dot, k_dot), **_TOL)
+    np.testing.assert_allclose(
+        jvp(shift)(x, k, x_dot, k_dot), jvp(ref)(x, k, x_dot, k_dot), **_TOL
+    )
 
     g = jnp.asarray(rng.standard_normal(y.shape))
     vjp = lambda f: jax.jit(lambda a, b, c: jax.vjp(f, a, b)[1](c))
@@ -98,8 +99,11 @@ def test_grad_of_jvp_matches_xla(x64, strides):
     def loss(fn, inputs, kernel, direction):
         # A linearised model's output, as in tangent-kernel fine-tuning:
         # f(x, k) + J f(x, k) . (x_dot, direction).
-        out, tangent = jax.jvp(lambda a, b: fn(a, b, strides, pad),
-                               (inputs, kernel), (x_dot, direction))
+        out, tangent = jax.jvp(
+            lambda a, b: fn(a, b, strides, pad),
+            (inputs, kernel),
+            (x_dot, direction),
+        )
         return jnp.sum(jnp.tanh(out + tangent))
 
     argnums = (1, 2, 3)  # inputs, kernel and the tangent direction
@@ -125,8 +129,7 @@ def test_same_padding_matches_lax_same():
     for size in (7, 8, 15, 16, 224):
         for k in (1, 2, 3, 5):
             for s in (1, 2, 3):
-                want = lax.padtype_to_pads((size, size), (k, k), (s, s),
-                                           'SAME')
+                want = lax.padtype_to_pads((size, size), (k, k), (s, s), 'SAME')
                 got = same_padding((size, size), (k, k), (s, s))
                 assert [tuple(p) for p in want] == list(got), (size, k, s)
     # TF-SAME puts the odd pixel at the bottom/right.
@@ -136,13 +139,16 @@ def test_same_padding_matches_lax_same():
 
 def test_module_param_and_attributes():
     pad = ((0, 1), (1, 1))
-    layer = DepthwiseConv2D(features=6, kernel_size=(3, 3), strides=(2, 1),
-                            padding=pad)
-    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 8, 8, 6)),
-                    jnp.float32)
+    layer = DepthwiseConv2D(
+        features=6, kernel_size=(3, 3), strides=(2, 1), padding=pad
+    )
+    x = jnp.asarray(
+        np.random.default_rng(2).standard_normal((2, 8, 8, 6)), jnp.float32
+    )
     variables = layer.init(jax.random.key(0), x)
     assert jax.tree_util.tree_map(jnp.shape, variables) == {
-        'params': {'kernel': (3, 3, 1, 6)}}
+        'params': {'kernel': (3, 3, 1, 6)}
+    }
     y = layer.apply(variables, x)
     y_xla = layer.clone(impl='xla').apply(variables, x)
     np.testing.assert_allclose(y, y_xla, rtol=1e-5, atol=1e-5)
@@ -155,8 +161,14 @@ def test_module_param_and_attributes():
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if isinstance(module, DepthwiseConv2D):
-            seen.append((module.kernel_size, module.strides, module.padding,
-                         args[0].shape))
+            seen.append(
+                (
+                    module.kernel_size,
+                    module.strides,
+                    module.padding,
+                    args[0].shape,
+                )
+            )
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):

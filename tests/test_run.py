@@ -12,86 +12,108 @@ from experiments.configs import class_il
 
 
 def _tiny_config(npz_dir, method='dlcft'):
-  config = class_il.get_config()
-  config.method = method
-  config.data.npz_dir = str(npz_dir)
-  config.data.num_tasks = 2
-  config.data.classes_per_task = 2
-  config.backbone.name = 'small_cnn'
-  config.backbone.image_size = 16
-  config.train.batch_size = 8
-  config.train.steps_per_task = 3
-  config.train.log_every = 2
-  config.curvature.num_batches = 2
-  config.curvature.batch_size = 8
-  config.replay.buffer_size = 10
-  config.replay.batch_size = 4
-  config.eval.batch_size = 16
-  config.compilation_cache_dir = ''
-  return config
+    config = class_il.get_config()
+    config.method = method
+    config.data.npz_dir = str(npz_dir)
+    config.data.num_tasks = 2
+    config.data.classes_per_task = 2
+    config.backbone.name = 'small_cnn'
+    config.backbone.image_size = 16
+    config.train.batch_size = 8
+    config.train.steps_per_task = 3
+    config.train.log_every = 2
+    config.curvature.num_batches = 2
+    config.curvature.batch_size = 8
+    config.replay.buffer_size = 10
+    config.replay.batch_size = 4
+    config.eval.batch_size = 16
+    config.compilation_cache_dir = ''
+    return config
 
 
 @pytest.fixture(name='npz_dir')
 def fixture_npz_dir(tmp_path, repo_root):
-  """A 4-class slice of the committed CIFAR-10 subset."""
-  out = tmp_path / 'data'
-  out.mkdir()
-  for split, n in (('train', 20), ('test', 10)):
-    with np.load(repo_root / 'experiments' / 'data' / 'cifar10_5x2' /
-                 f'{split}.npz') as d:
-      x, y = d['image'], d['label']
-    keep = np.concatenate([np.flatnonzero(y == c)[:n] for c in range(4)])
-    np.savez(out / f'{split}.npz', image=x[keep], label=y[keep])
-  return out
+    """A 4-class slice of the committed CIFAR-10 subset."""
+    out = tmp_path / 'data'
+    out.mkdir()
+    for split, n in (('train', 20), ('test', 10)):
+        with np.load(
+            repo_root / 'experiments' / 'data' / 'cifar10_5x2' / f'{split}.npz'
+        ) as d:
+            x, y = d['image'], d['label']
+        keep = np.concatenate([np.flatnonzero(y == c)[:n] for c in range(4)])
+        np.savez(out / f'{split}.npz', image=x[keep], label=y[keep])
+    return out
 
 
 @pytest.mark.parametrize('method', ['dlcft', 'finetune'])
 def test_class_il_run_writes_complete_results(tmp_path, npz_dir, method):
-  workdir = tmp_path / 'run'
-  results = train.train_and_evaluate(_tiny_config(npz_dir, method),
-                                     str(workdir))
-  on_disk = json.loads((workdir / 'results.json').read_text())
-  assert on_disk['average_accuracy'] == results['average_accuracy']
-  for key in ('setting', 'method', 'num_tasks', 'accuracy_matrix',
-              'average_accuracy', 'forgetting', 'backward_transfer',
-              'wall_time_s', 'config'):
-    assert key in on_disk, key
-  assert on_disk['setting'] == 'class_il' and on_disk['method'] == method
-  r = on_disk['accuracy_matrix']
-  assert len(r) == 2 and r[0][1] is None
-  assert all(0.0 <= r[i][j] <= 100.0 for i in range(2) for j in range(i + 1))
-  # Class-IL average accuracy after the last task: mean over tasks seen.
-  np.testing.assert_allclose(on_disk['average_accuracy'],
-                             (r[1][0] + r[1][1]) / 2)
-  np.testing.assert_allclose(on_disk['forgetting'], r[0][0] - r[1][0])
-  assert on_disk['config']['backbone']['name'] == 'small_cnn'
-  log = [json.loads(l) for l in (workdir / 'log.jsonl').read_text().split(
-      '\n') if l]
-  assert any(e.get('event') == 'task_end' for e in log)
-  assert all(np.isfinite(e['loss']) for e in log if 'loss' in e)
-  if method == 'dlcft':
-    # The second task's steps carry the K-FAC and head penalty.
-    assert any(e.get('task') == 1 and e.get('penalty', 0) > 0 for e in log)
+    workdir = tmp_path / 'run'
+    results = train.train_and_evaluate(
+        _tiny_config(npz_dir, method), str(workdir)
+    )
+    on_disk = json.loads((workdir / 'results.json').read_text())
+    assert on_disk['average_accuracy'] == results['average_accuracy']
+    for key in (
+        'setting',
+        'method',
+        'num_tasks',
+        'accuracy_matrix',
+        'average_accuracy',
+        'forgetting',
+        'backward_transfer',
+        'wall_time_s',
+        'config',
+    ):
+        assert key in on_disk, key
+    assert on_disk['setting'] == 'class_il' and on_disk['method'] == method
+    r = on_disk['accuracy_matrix']
+    assert len(r) == 2 and r[0][1] is None
+    assert all(0.0 <= r[i][j] <= 100.0 for i in range(2) for j in range(i + 1))
+    # Class-IL average accuracy after the last task: mean over tasks seen.
+    np.testing.assert_allclose(
+        on_disk['average_accuracy'], (r[1][0] + r[1][1]) / 2
+    )
+    np.testing.assert_allclose(on_disk['forgetting'], r[0][0] - r[1][0])
+    assert on_disk['config']['backbone']['name'] == 'small_cnn'
+    log = [
+        json.loads(l)
+        for l in (workdir / 'log.jsonl').read_text().split('\n')
+        if l
+    ]
+    assert any(e.get('event') == 'task_end' for e in log)
+    assert all(np.isfinite(e['loss']) for e in log if 'loss' in e)
+    if method == 'dlcft':
+        # The second task's steps carry the K-FAC and head penalty.
+        assert any(e.get('task') == 1 and e.get('penalty', 0) > 0 for e in log)
 
 
 def test_bad_config_ends_with_one_clear_message(tmp_path, npz_dir):
-  config = _tiny_config(npz_dir)
-  config.method = 'ewc'
-  with pytest.raises(train.ConfigError, match='config.method'):
-    train.train_and_evaluate(config, str(tmp_path / 'w'))
-  config = _tiny_config(npz_dir)
-  config.data.num_tasks = 3  # 6 classes, the data has 4
-  with pytest.raises(ValueError, match='class'):
-    train.train_and_evaluate(config, str(tmp_path / 'w'))
+    config = _tiny_config(npz_dir)
+    config.method = 'ewc'
+    with pytest.raises(train.ConfigError, match='config.method'):
+        train.train_and_evaluate(config, str(tmp_path / 'w'))
+    config = _tiny_config(npz_dir)
+    config.data.num_tasks = 3  # 6 classes, the data has 4
+    with pytest.raises(ValueError, match='class'):
+        train.train_and_evaluate(config, str(tmp_path / 'w'))
 
 
 def test_command_line_reports_missing_data(tmp_path, repo_root):
-  out = subprocess.run(
-      [sys.executable, '-m', 'experiments.run',
-       '--config=experiments/configs/class_il.py',
-       f'--config.data.npz_dir={tmp_path / "nowhere"}',
-       f'--workdir={tmp_path / "w"}'], cwd=repo_root, capture_output=True,
-      text=True, timeout=300)
-  assert out.returncode == 2, out.stderr[-2000:]
-  last = out.stderr.strip().splitlines()[-1]
-  assert last.startswith('error:') and 'nowhere' in last
+    out = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'experiments.run',
+            '--config=experiments/configs/class_il.py',
+            f'--config.data.npz_dir={tmp_path / "nowhere"}',
+            f'--workdir={tmp_path / "w"}',
+        ],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith('error:') and 'nowhere' in last

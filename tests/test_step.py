@@ -18,146 +18,193 @@ from dlcft_jax.models.small_cnn import init_small
 
 
 def _batch(b=8, seed=0):
-  rng = np.random.default_rng(seed)
-  return {'image': jnp.asarray(rng.normal(size=(b, 8, 8, 3)), jnp.float32),
-          'label': jnp.asarray(rng.integers(0, 3, size=b), jnp.int32)}
+    rng = np.random.default_rng(seed)
+    return {
+        'image': jnp.asarray(rng.normal(size=(b, 8, 8, 3)), jnp.float32),
+        'label': jnp.asarray(rng.integers(0, 3, size=b), jnp.int32),
+    }
 
 
 def _state(config=dj.MethodConfig(), b=8):
-  apply_fn, v = init_small(jax.random.key(0))
-  state = dj.create_state(apply_fn, v, num_classes=3,
-                          example_input=_batch(b)['image'], config=config)
-  head = {'kernel': 0.5 * jax.random.normal(jax.random.key(1), (6, 3)),
-          'bias': jnp.zeros(3)}
-  return dj.begin_task(state.replace(params={**state.params, 'head': head}),
-                       num_steps=5)
+    apply_fn, v = init_small(jax.random.key(0))
+    state = dj.create_state(
+        apply_fn,
+        v,
+        num_classes=3,
+        example_input=_batch(b)['image'],
+        config=config,
+    )
+    head = {
+        'kernel': 0.5 * jax.random.normal(jax.random.key(1), (6, 3)),
+        'bias': jnp.zeros(3),
+    }
+    return dj.begin_task(
+        state.replace(params={**state.params, 'head': head}), num_steps=5
+    )
 
 
 def _second_task(state, batch):
-  for _ in range(2):
+    for _ in range(2):
+        state, _ = dj.step(state, batch)
+    curv = dj.estimate_curvature(state, [batch], jax.random.key(0))
+    state = dj.begin_task(dj.end_task(state, curv), num_steps=5)
     state, _ = dj.step(state, batch)
-  curv = dj.estimate_curvature(state, [batch], jax.random.key(0))
-  state = dj.begin_task(dj.end_task(state, curv), num_steps=5)
-  state, _ = dj.step(state, batch)
-  return state
+    return state
 
 
 def test_step_compiles_once_per_input_shape():
-  traces = []
-  fn = jax.jit(lambda s, b: (traces.append(1), ts.step(s, b))[1])
-  batch = _batch()
-  state = _state()
-  for _ in range(3):
-    state, _ = fn(state, batch)
-  curv = dj.estimate_curvature(state, [batch], jax.random.key(0))
-  state = dj.begin_task(dj.end_task(state, curv), num_steps=7,
-                        class_mask=jnp.array([1.0, 1.0, 0.0]))
-  for _ in range(3):
-    state, _ = fn(state, batch)
-  assert len(traces) == 1  # new task, schedule, mask, curvature: no retrace
-  state, _ = fn(state, _batch(b=4))
-  assert len(traces) == 2  # a new batch shape compiles once more
-  # The exported jitted step behaves the same way.
-  before = dj.step._cache_size()
-  for _ in range(2):
-    state, _ = dj.step(state, batch)
-  assert dj.step._cache_size() - before <= 1
+    traces = []
+    fn = jax.jit(lambda s, b: (traces.append(1), ts.step(s, b))[1])
+    batch = _batch()
+    state = _state()
+    for _ in range(3):
+        state, _ = fn(state, batch)
+    curv = dj.estimate_curvature(state, [batch], jax.random.key(0))
+    state = dj.begin_task(
+        dj.end_task(state, curv),
+        num_steps=7,
+        class_mask=jnp.array([1.0, 1.0, 0.0]),
+    )
+    for _ in range(3):
+        state, _ = fn(state, batch)
+    assert len(traces) == 1  # new task, schedule, mask, curvature: no retrace
+    state, _ = fn(state, _batch(b=4))
+    assert len(traces) == 2  # a new batch shape compiles once more
+    # The exported jitted step behaves the same way.
+    before = dj.step._cache_size()
+    for _ in range(2):
+        state, _ = dj.step(state, batch)
+    assert dj.step._cache_size() - before <= 1
 
 
 def test_objective_is_task_weighted_average_and_penalty_is_active():
-  batch = _batch()
-  state = _second_task(_state(), batch)
-  assert int(state.task) == 1
-  new, m = dj.step(state, batch)
-  logits = ts.apply_model(state, state.params, batch['image'])
-  data = losses.mse_loss(logits, batch['label'])
-  pen = rg.penalty(state.params, state.centre, state.curvature)
-  np.testing.assert_allclose(m['data_loss'], data, rtol=1e-5)
-  np.testing.assert_allclose(m['penalty'], pen, rtol=1e-4)
-  np.testing.assert_allclose(m['loss'], (data + pen) / 2, rtol=1e-5)
-  assert float(pen) > 0
-  assert int(new.step) == int(state.step) + 1
+    batch = _batch()
+    state = _second_task(_state(), batch)
+    assert int(state.task) == 1
+    new, m = dj.step(state, batch)
+    logits = ts.apply_model(state, state.params, batch['image'])
+    data = losses.mse_loss(logits, batch['label'])
+    pen = rg.penalty(state.params, state.centre, state.curvature)
+    np.testing.assert_allclose(m['data_loss'], data, rtol=1e-5)
+    np.testing.assert_allclose(m['penalty'], pen, rtol=1e-4)
+    np.testing.assert_allclose(m['loss'], (data + pen) / 2, rtol=1e-5)
+    assert float(pen) > 0
+    assert int(new.step) == int(state.step) + 1
 
 
 def test_step_gradient_is_the_objective_gradient_plus_damping():
-  """With plain SGD (no clip/decay/momentum) one step moves θ by −η·g, where
-  g = ∇[(L + t·R)/(t+1)] + κ(θ − θ_{t−1})."""
-  cfg = dj.MethodConfig(optimizer='sgd', momentum=0.0, clip_norm=0.0,
-                        weight_decay=0.0, schedule='constant',
-                        learning_rate=0.1, proximal=1e-2)
-  batch = _batch()
-  state = _second_task(_state(cfg), batch)
+    """With plain SGD (no clip/decay/momentum) one step moves θ by −η·g, where
+    g = ∇[(L + t·R)/(t+1)] + κ(θ − θ_{t−1})."""
+    cfg = dj.MethodConfig(
+        optimizer='sgd',
+        momentum=0.0,
+        clip_norm=0.0,
+        weight_decay=0.0,
+        schedule='constant',
+        learning_rate=0.1,
+        proximal=1e-2,
+    )
+    batch = _batch()
+    state = _second_task(_state(cfg), batch)
 
-  def objective(params):
-    logits = ts.apply_model(state, params, batch['image'])
-    return rg.task_objective(losses.mse_loss(logits, batch['label']),
-                             rg.penalty(params, state.centre,
-                                        state.curvature), state.task)
+    def objective(params):
+        logits = ts.apply_model(state, params, batch['image'])
+        return rg.task_objective(
+            losses.mse_loss(logits, batch['label']),
+            rg.penalty(params, state.centre, state.curvature),
+            state.task,
+        )
 
-  g = jax.grad(objective)(state.params)
-  want = jax.tree.map(lambda p, gg, c: p - 0.1 * (gg + 1e-2 * (p - c)),
-                      state.params, g, state.centre)
-  new, _ = dj.step(state, batch)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=1e-6),
-               new.params, want)
+    g = jax.grad(objective)(state.params)
+    want = jax.tree.map(
+        lambda p, gg, c: p - 0.1 * (gg + 1e-2 * (p - c)),
+        state.params,
+        g,
+        state.centre,
+    )
+    new, _ = dj.step(state, batch)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        new.params,
+        want,
+    )
 
 
 def test_vjp_and_jvp_grad_modes_take_the_same_step():
-  batch = _batch()
-  s1 = _second_task(_state(dj.MethodConfig(grad_mode='vjp')), batch)
-  s2 = s1.replace(config=dj.MethodConfig(grad_mode='jvp'))
-  a, _ = dj.step(s1, batch)
-  b, _ = dj.step(s2, batch)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4,
-                                                       atol=1e-7),
-               a.params, b.params)
+    batch = _batch()
+    s1 = _second_task(_state(dj.MethodConfig(grad_mode='vjp')), batch)
+    s2 = s1.replace(config=dj.MethodConfig(grad_mode='jvp'))
+    a, _ = dj.step(s1, batch)
+    b, _ = dj.step(s2, batch)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7),
+        a.params,
+        b.params,
+    )
 
 
 def test_finetune_baseline_trains_the_nonlinear_network_without_penalty():
-  batch = _batch()
-  state = _state(dj.MethodConfig.finetune())
-  assert state.curvature == {}
-  state, m = dj.step(state, batch)
-  assert float(m['penalty']) == 0.0
-  np.testing.assert_allclose(
-      m['data_loss'],
-      losses.cross_entropy_loss(
-          ts.apply_model(_state(dj.MethodConfig.finetune()),
-                         _state(dj.MethodConfig.finetune()).params,
-                         batch['image']), batch['label']), rtol=1e-5)
-  state = dj.end_task(state, None)
-  assert int(state.task) == 1
+    batch = _batch()
+    state = _state(dj.MethodConfig.finetune())
+    assert state.curvature == {}
+    state, m = dj.step(state, batch)
+    assert float(m['penalty']) == 0.0
+    np.testing.assert_allclose(
+        m['data_loss'],
+        losses.cross_entropy_loss(
+            ts.apply_model(
+                _state(dj.MethodConfig.finetune()),
+                _state(dj.MethodConfig.finetune()).params,
+                batch['image'],
+            ),
+            batch['label'],
+        ),
+        rtol=1e-5,
+    )
+    state = dj.end_task(state, None)
+    assert int(state.task) == 1
+    # No penalty, so no (t + 1) weighting: the objective is the task loss.
+    state, m = dj.step(state, batch)
+    np.testing.assert_allclose(m['loss'], m['data_loss'])
 
 
 def test_learning_rate_decays_linearly_to_zero_within_a_task():
-  state = _state()
-  lrs = []
-  batch = _batch()
-  for _ in range(5):
-    state, m = dj.step(state, batch)
-    lrs.append(float(m['learning_rate']))
-  np.testing.assert_allclose(lrs, [1e-4 * (1 - k / 5) for k in range(5)],
-                             rtol=1e-6)
+    state = _state()
+    lrs = []
+    batch = _batch()
+    for _ in range(5):
+        state, m = dj.step(state, batch)
+        lrs.append(float(m['learning_rate']))
+    np.testing.assert_allclose(
+        lrs, [1e-4 * (1 - k / 5) for k in range(5)], rtol=1e-6
+    )
 
 
 def test_bad_method_config_is_explained():
-  with pytest.raises(ValueError, match="regularizer must be"):
-    dj.MethodConfig(regularizer='ewc2')
+    with pytest.raises(ValueError, match="regularizer must be"):
+        dj.MethodConfig(regularizer='ewc2')
 
 
 def test_parallel_batch_must_divide_devices():
-  from dlcft_jax import parallel
-  with pytest.raises(ValueError, match='not divisible'):
-    parallel.shard_batch({'x': jnp.zeros((5, 2))}, num_devices=2)
+    from dlcft_jax import parallel
+
+    with pytest.raises(ValueError, match='not divisible'):
+        parallel.shard_batch({'x': jnp.zeros((5, 2))}, num_devices=2)
 
 
 def test_eight_devices_equal_one_device():
-  script = Path(__file__).with_name('multidevice_check.py')
-  env = dict(os.environ,
-             XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, str(script)], env=env,
-                       capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stdout + out.stderr
-  assert 'OK' in out.stdout
+    script = Path(__file__).with_name('multidevice_check.py')
+    env = dict(
+        os.environ,
+        XLA_FLAGS='--xla_force_host_platform_device_count=8',
+        JAX_PLATFORMS='cpu',
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert 'OK' in out.stdout

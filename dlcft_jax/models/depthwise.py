@@ -54,19 +54,21 @@ def _check_args(x: jax.Array, kernel: jax.Array) -> None:
     """Validates the NHWC input and (kh, kw, 1, C) kernel shapes."""
     if x.ndim != 4:
         raise ValueError(
-            f'depthwise_conv expects NHWC input, got shape {x.shape}')
+            f'depthwise_conv expects NHWC input, got shape {x.shape}'
+        )
     c = x.shape[3]
     if kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[3] != c:
         raise ValueError(
             f'depthwise kernel must have shape (kh, kw, 1, C={c}), '
-            f'got {kernel.shape}')
+            f'got {kernel.shape}'
+        )
 
 
 def depthwise_conv(
-        x: jax.Array,
-        kernel: jax.Array,
-        strides: Sequence[int] = (1, 1),
-        padding: Padding = ((0, 0), (0, 0)),
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int] = (1, 1),
+    padding: Padding = ((0, 0), (0, 0)),
 ) -> jax.Array:
     """Depthwise 2-D cross-correlation computed as a sum of shifted slices.
 
@@ -93,8 +95,9 @@ def depthwise_conv(
     wo = (w + pl + pr - kw) // sw + 1
     if ho <= 0 or wo <= 0:
         raise ValueError(
-                f'empty output: input {x.shape}, kernel {kernel.shape}, '
-                f'strides {(sh, sw)}, padding {padding}')
+            f'empty output: input {x.shape}, kernel {kernel.shape}, '
+            f'strides {(sh, sw)}, padding {padding}'
+        )
     # lax.pad also accepts negative padding (cropping), which keeps the slice
     # bounds below simple for any explicit padding.
     zero = jnp.zeros((), x.dtype)
@@ -104,10 +107,10 @@ def depthwise_conv(
     for a in range(kh):
         for b in range(kw):
             tap = lax.slice(
-                    xp,
-                    (0, a, b, 0),
-                    (n, a + (ho - 1) * sh + 1, b + (wo - 1) * sw + 1, c),
-                    (1, sh, sw, 1),
+                xp,
+                (0, a, b, 0),
+                (n, a + (ho - 1) * sh + 1, b + (wo - 1) * sw + 1, c),
+                (1, sh, sw, 1),
             )
             term = tap * k[a, b]
             out = term if out is None else out + term
@@ -115,10 +118,10 @@ def depthwise_conv(
 
 
 def depthwise_conv_xla(
-        x: jax.Array,
-        kernel: jax.Array,
-        strides: Sequence[int] = (1, 1),
-        padding: Padding = ((0, 0), (0, 0)),
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int] = (1, 1),
+    padding: Padding = ((0, 0), (0, 0)),
 ) -> jax.Array:
     """Reference depthwise convolution via XLA's grouped convolution.
 
@@ -133,18 +136,18 @@ def depthwise_conv_xla(
     """
     _check_args(x, kernel)
     return lax.conv_general_dilated(
-            x,
-            kernel.astype(jnp.result_type(x, kernel)),
-            window_strides=tuple(int(s) for s in strides),
-            padding=tuple((int(a), int(b)) for a, b in padding),
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-            feature_group_count=x.shape[-1],
+        x,
+        kernel.astype(jnp.result_type(x, kernel)),
+        window_strides=tuple(int(s) for s in strides),
+        padding=tuple((int(a), int(b)) for a, b in padding),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=x.shape[-1],
     )
 
 
 def same_padding(
-        in_size: Sequence[int], kernel_size: Sequence[int],
-        strides: Sequence[int]) -> Padding:
+    in_size: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int]
+) -> Padding:
     """Static TensorFlow "SAME" padding for one input size.
 
     The output has ceil(in / stride) pixels per axis; when the total padding
@@ -204,11 +207,14 @@ class DepthwiseConv2D(nn.Module):
         """
         if x.shape[-1] != self.features:
             raise ValueError(
-                    f'DepthwiseConv2D expects {self.features} input channels, '
-                    f'got {x.shape[-1]}')
+                f'DepthwiseConv2D expects {self.features} input channels, '
+                f'got {x.shape[-1]}'
+            )
         kernel = self.param(
-                'kernel', self.kernel_init,
-                (self.kernel_size[0], self.kernel_size[1], 1, self.features))
+            'kernel',
+            self.kernel_init,
+            (self.kernel_size[0], self.kernel_size[1], 1, self.features),
+        )
         if self.dtype is not None:
             x = x.astype(self.dtype)
             kernel = kernel.astype(self.dtype)
@@ -218,7 +224,8 @@ class DepthwiseConv2D(nn.Module):
             fn = depthwise_conv_xla
         else:
             raise ValueError(
-                f"impl must be 'shift' or 'xla', got {self.impl!r}")
+                f"impl must be 'shift' or 'xla', got {self.impl!r}"
+            )
         return fn(x, kernel, self.strides, self.padding)
 
 
@@ -237,10 +244,16 @@ def _benchmark() -> None:
             ts.append(time.perf_counter() - t0)
         return 1e3 * float(np.median(ts))
 
-    configs = [(32, 96, 3, 1), (32, 144, 3, 2), (16, 240, 5, 1),
-                          (16, 672, 5, 2), (16, 480, 3, 1)]
-    print('H=W  C    k s | forward shift/xla | jvp shift/xla    | '
-                'vjp shift/xla')
+    configs = [
+        (32, 96, 3, 1),
+        (32, 144, 3, 2),
+        (16, 240, 5, 1),
+        (16, 672, 5, 2),
+        (16, 480, 3, 1),
+    ]
+    print(
+        'H=W  C    k s | forward shift/xla | jvp shift/xla    | vjp shift/xla'
+    )
     for hw, c, k, s in configs:
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.standard_normal((32, hw, hw, c)), jnp.float32)
@@ -256,11 +269,18 @@ def _benchmark() -> None:
                 y, pull = jax.vjp(f, x_, w_)
                 return pull(y)
 
-            row.append((timeit(fwd, x, w), timeit(jax.jit(jvp), x, w),
-                                    timeit(jax.jit(vjp), x, w)))
+            row.append(
+                (
+                    timeit(fwd, x, w),
+                    timeit(jax.jit(jvp), x, w),
+                    timeit(jax.jit(vjp), x, w),
+                )
+            )
         (f1, j1, v1), (f2, j2, v2) = row
-        print(f'{hw:<4} {c:<4} {k} {s} | {f1:5.1f} / {f2:6.1f} ms | '
-                    f'{j1:5.1f} / {j2:6.1f} ms | {v1:5.1f} / {v2:6.1f} ms')
+        print(
+            f'{hw:<4} {c:<4} {k} {s} | {f1:5.1f} / {f2:6.1f} ms | '
+            f'{j1:5.1f} / {j2:6.1f} ms | {v1:5.1f} / {v2:6.1f} ms'
+        )
 
 
 if __name__ == '__main__':

@@ -74,7 +74,8 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     except KeyError:
         raise ValueError(
             f'unknown activation {name!r}; expected one of '
-            f'{sorted(_ACTIVATIONS)}') from None
+            f'{sorted(_ACTIVATIONS)}'
+        ) from None
 
 
 def block_configs() -> list[tuple[int, int, int, int, int]]:
@@ -87,8 +88,15 @@ def block_configs() -> list[tuple[int, int, int, int, int]]:
     in_features = STEM_FEATURES
     for kernel, stride, expand, out_features, repeats in STAGES:
         for r in range(repeats):
-            configs.append((kernel, stride if r == 0 else 1, expand,
-                            in_features, out_features))
+            configs.append(
+                (
+                    kernel,
+                    stride if r == 0 else 1,
+                    expand,
+                    in_features,
+                    out_features,
+                )
+            )
             in_features = out_features
     return configs
 
@@ -105,8 +113,9 @@ def preprocess(images: jax.Array) -> jax.Array:
     return (jnp.asarray(images, jnp.float32) - 127.0) / 128.0
 
 
-def resize(images: jax.Array, size: int | tuple[int, int],
-           method: str = 'bilinear') -> jax.Array:
+def resize(
+    images: jax.Array, size: int | tuple[int, int], method: str = 'bilinear'
+) -> jax.Array:
     """Resizes a batch of NHWC images spatially.
 
     Args:
@@ -127,15 +136,26 @@ def resize(images: jax.Array, size: int | tuple[int, int],
 
 def _batch_norm(name: str, train: bool, dtype: Any) -> nn.BatchNorm:
     """BatchNorm with the reference's epsilon and momentum."""
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                        epsilon=BN_EPSILON, dtype=dtype, name=name)
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        name=name,
+    )
 
 
 def _pointwise(features: int, name: str, dtype: Any) -> nn.Conv:
     """Bias-free 1x1 convolution (SAME padding is zero padding for 1x1)."""
-    return nn.Conv(features, (1, 1), strides=(1, 1),
-                   padding=((0, 0), (0, 0)), use_bias=False, dtype=dtype,
-                   name=name)
+    return nn.Conv(
+        features,
+        (1, 1),
+        strides=(1, 1),
+        padding=((0, 0), (0, 0)),
+        use_bias=False,
+        dtype=dtype,
+        name=name,
+    )
 
 
 class MBConvBlock(nn.Module):
@@ -181,9 +201,14 @@ class MBConvBlock(nn.Module):
             x = act(_batch_norm('expand_bn', train, self.dtype)(x))
         k, s = self.kernel_size, self.stride
         x = DepthwiseConv2D(
-            features=hidden, kernel_size=(k, k), strides=(s, s),
+            features=hidden,
+            kernel_size=(k, k),
+            strides=(s, s),
             padding=same_padding(x.shape[1:3], (k, k), (s, s)),
-            impl=self.depthwise_impl, dtype=self.dtype, name='dw_conv')(x)
+            impl=self.depthwise_impl,
+            dtype=self.dtype,
+            name='dw_conv',
+        )(x)
         x = act(_batch_norm('dw_bn', train, self.dtype)(x))
         x = _pointwise(self.out_features, 'project_conv', self.dtype)(x)
         x = _batch_norm('project_bn', train, self.dtype)(x)
@@ -231,17 +256,30 @@ class EfficientNetLite0(nn.Module):
         act = get_activation(self.activation)
         if self.dtype is not None:
             x = x.astype(self.dtype)
-        x = nn.Conv(STEM_FEATURES, (3, 3), strides=(2, 2),
-                    padding=same_padding(x.shape[1:3], (3, 3), (2, 2)),
-                    use_bias=False, dtype=self.dtype, name='stem_conv')(x)
+        x = nn.Conv(
+            STEM_FEATURES,
+            (3, 3),
+            strides=(2, 2),
+            padding=same_padding(x.shape[1:3], (3, 3), (2, 2)),
+            use_bias=False,
+            dtype=self.dtype,
+            name='stem_conv',
+        )(x)
         x = act(_batch_norm('stem_bn', train, self.dtype)(x))
         for i, (kernel, stride, expand, cin, cout) in enumerate(
-                block_configs()):
+            block_configs()
+        ):
             x = MBConvBlock(
-                in_features=cin, out_features=cout, expand_ratio=expand,
-                kernel_size=kernel, stride=stride, activation=self.activation,
-                depthwise_impl=self.depthwise_impl, dtype=self.dtype,
-                name=f'blocks_{i}')(x, train)
+                in_features=cin,
+                out_features=cout,
+                expand_ratio=expand,
+                kernel_size=kernel,
+                stride=stride,
+                activation=self.activation,
+                depthwise_impl=self.depthwise_impl,
+                dtype=self.dtype,
+                name=f'blocks_{i}',
+            )(x, train)
         x = _pointwise(FEATURE_DIM, 'head_conv', self.dtype)(x)
         x = act(_batch_norm('head_bn', train, self.dtype)(x))
         x = jnp.mean(x, axis=(1, 2))

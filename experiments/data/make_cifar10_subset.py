@@ -27,8 +27,9 @@ from collections.abc import Sequence
 import numpy as np
 
 _NUM_CLASSES = 10
-_REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..',
-                                          '..'))
+_REPO_ROOT = os.path.abspath(
+    os.path.join(os.path.dirname(__file__), '..', '..')
+)
 # Relative to the repository root, so no machine-specific path is baked in.
 _DEFAULT_SRC = os.path.join('..', 'shared', 'data', 'cifar10')
 _DEFAULT_OUT = os.path.join('experiments', 'data', 'cifar10_5x2')
@@ -39,8 +40,9 @@ def _resolve(path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(_REPO_ROOT, path)
 
 
-def select_per_class(labels: np.ndarray, per_class: int,
-                     rng: np.random.Generator) -> np.ndarray:
+def select_per_class(
+    labels: np.ndarray, per_class: int, rng: np.random.Generator
+) -> np.ndarray:
     """Draws `per_class` indices of every class without replacement.
 
     Args:
@@ -61,7 +63,8 @@ def select_per_class(labels: np.ndarray, per_class: int,
         if idx.size < per_class:
             raise ValueError(
                 f'class {c} has only {idx.size} examples; lower '
-                f'--*-per-class to at most {idx.size}.')
+                f'--*-per-class to at most {idx.size}.'
+            )
         chosen.append(rng.choice(idx, size=per_class, replace=False))
     # Sorting gives the "class, then source order" layout of the shared copy.
     return np.sort(np.concatenate(chosen)).astype(np.int64)
@@ -82,12 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         '--src',
         default=_DEFAULT_SRC,
         help='Directory holding the full train.npz/test.npz (relative paths '
-        'are taken from the repository root).')
+        'are taken from the repository root).',
+    )
     parser.add_argument(
         '--out',
         default=_DEFAULT_OUT,
         help='Output directory (relative paths are taken from the repository '
-        'root).')
+        'root).',
+    )
     parser.add_argument('--train-per-class', type=int, default=300)
     parser.add_argument('--test-per-class', type=int, default=100)
     parser.add_argument('--seed', type=int, default=0)
@@ -98,24 +103,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One generator for both splits: train is drawn first, then test.
     rng = np.random.default_rng(args.seed)
     total = 0
-    for split, per_class in (('train', args.train_per_class),
-                             ('test', args.test_per_class)):
+    for split, per_class in (
+        ('train', args.train_per_class),
+        ('test', args.test_per_class),
+    ):
         src_path = os.path.join(src, f'{split}.npz')
         if not os.path.exists(src_path):
             raise FileNotFoundError(
                 f'{src_path} not found; pass --src pointing at the directory '
-                'with the full CIFAR-10 train.npz/test.npz.')
+                'with the full CIFAR-10 train.npz/test.npz.'
+            )
         with np.load(src_path) as d:
             images, labels = d['image'], d['label']
         idx = select_per_class(labels, per_class, rng)
         out_path = os.path.join(out, f'{split}.npz')
-        np.savez_compressed(out_path,
-                            image=images[idx],
-                            label=labels[idx].astype(np.int64))
+        np.savez_compressed(
+            out_path, image=images[idx], label=labels[idx].astype(np.int64)
+        )
         size = os.path.getsize(out_path)
         total += size
-        print(f'{split}: {idx.size} images ({per_class}/class), {size} bytes, '
-              f'sha256 {_sha256(out_path)}')
+        print(
+            f'{split}: {idx.size} images ({per_class}/class), {size} bytes, '
+            f'sha256 {_sha256(out_path)}'
+        )
     print(f'total: {total} bytes')
     return 0
 
