@@ -409,7 +409,7 @@ def batch_curvature(
       {'layers': {key: {'A', 'S'[, 'trace']}}, 'head': {'A', 'S'}}.
     """
     layers = regularized_layers(delta)
-    point = params0 if linearized else _shift(params0, delta)
+    point = params0 if linearized else lin.shift(params0, delta)
 
     def head_out(z):
         return z @ head['kernel'] + head['bias']
@@ -452,18 +452,6 @@ def batch_curvature(
     if axis_name is not None:
         stats = jax.lax.pmean(stats, axis_name)
     return stats
-
-
-def _shift(params0: Params, delta: Params) -> dict:
-    flat = traverse_util.flatten_dict(dict(params0))
-    for k, v in traverse_util.flatten_dict(dict(delta)).items():
-        flat[k] = flat[k] + v
-    return traverse_util.unflatten_dict(flat)
-
-
-def zeros_like_curvature(curv: Curvature) -> Curvature:
-    """Zero curvature with the structure of `curv` (the state before task 0)."""
-    return jax.tree.map(jnp.zeros_like, curv)
 
 
 def accumulate(

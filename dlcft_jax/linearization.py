@@ -214,14 +214,27 @@ def tangent_apply(
     raise ValueError(f"grad_mode must be 'vjp' or 'jvp', got {grad_mode!r}.")
 
 
+def shift(params0: Params, delta: Params) -> dict:
+    """ψ0 + Δ: `params0` with each leaf of the sub-tree `delta` added."""
+    flat0 = traverse_util.flatten_dict(dict(params0))
+    for k, v in traverse_util.flatten_dict(dict(delta)).items():
+        flat0[k] = flat0[k] + v
+    return traverse_util.unflatten_dict(flat0)
+
+
+def select(params: Params, like: Params) -> dict:
+    """The leaves of `params` at the paths of the sub-tree `like`."""
+    flat = traverse_util.flatten_dict(dict(params))
+    return traverse_util.unflatten_dict(
+        {k: flat[k] for k in traverse_util.flatten_dict(dict(like))}
+    )
+
+
 def shifted_apply(
     apply_fn: ApplyFn, params0: Params, delta: Params, x: jax.Array
 ) -> jax.Array:
     """Evaluates the non-linear network g(x; ψ0 + Δ) (plain fine-tuning)."""
-    flat0 = traverse_util.flatten_dict(dict(params0))
-    for k, v in traverse_util.flatten_dict(dict(delta)).items():
-        flat0[k] = flat0[k] + v
-    return apply_fn(traverse_util.unflatten_dict(flat0), x)
+    return apply_fn(shift(params0, delta), x)
 
 
 def linearize(

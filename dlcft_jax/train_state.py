@@ -308,20 +308,14 @@ def learning_rate(state: TrainState) -> jax.Array:
 
 
 def _decay_params(state: TrainState, params: Params) -> Params:
+    """What coupled L2 pulls toward 0: Δψ (linearized) or ψ0 + Δψ."""
     if state.config.linearized:
         return params
-    train0, _ = _split_like(state.params0, params['backbone'])
+    train0 = lin.select(state.params0, params['backbone'])
     return {
         'backbone': jax.tree.map(jnp.add, params['backbone'], train0),
         'head': params['head'],
     }
-
-
-def _split_like(params0: Params, delta: Params):
-    from flax import traverse_util  # pylint: disable=g-import-not-at-top
-
-    keys = set(traverse_util.flatten_dict(dict(delta)))
-    return lin.split(params0, lambda path, flat: path in keys)
 
 
 def step(
