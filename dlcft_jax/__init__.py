@@ -44,6 +44,7 @@ __all__ = [
     'curvature',
     'end_task',
     'estimate_curvature',
+    'linearization',
     'linearize',
     'losses',
     'make_optimizer',

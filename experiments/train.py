@@ -17,6 +17,7 @@ At the end `results.json` is written to the work directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -226,6 +227,131 @@ def _evaluate(predict_fn, state, x, y, batch_size, class_mask):
     return 100.0 * correct / total
 
 
+class _Run:
+    """The jitted functions and host-side state shared by the task loop."""
+
+    def __init__(self, config, tasks, num_classes, state, log_file):
+        self.config = config
+        self.tasks = tasks
+        self.num_classes = num_classes
+        self.state = state
+        self.log_file = log_file
+        self.rng = np.random.default_rng(config.seed)
+        self.key = jax.random.key(config.seed)
+        use_replay = (
+            config.replay.buffer_size > 0 and config.replay.batch_size > 0
+        )
+        self.replay_bs = config.replay.batch_size if use_replay else 0
+        self.buffer = (
+            data_lib.ReplayBuffer(config.replay.buffer_size)
+            if use_replay
+            else None
+        )
+        self.step_fn = jax.jit(dj.train_state.step)
+        self.predict_fn = jax.jit(dj.predict)
+        self.curv_fn = jax.jit(dj.train_state.curvature_step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.log_file.write(json.dumps(record) + '\n')
+        self.log_file.flush()
+
+    def train_task(self, t: int, n_steps: int) -> None:
+        """N_t steps on task t, each batch joined by a replay batch."""
+        cfg, task = self.config, self.tasks[t]
+        it = data_lib.batches(
+            task['x_train'], task['y_train'], cfg.train.batch_size, self.rng
+        )
+        # While the buffer is empty, more current-task examples take the
+        # replay rows, so the step sees one batch shape (one compilation).
+        extra = data_lib.batches(
+            task['x_train'], task['y_train'], max(self.replay_bs, 1), self.rng
+        )
+        window_start, window_images = time.time(), 0
+        for k in range(n_steps):
+            b = next(it)
+            images, labels = b['image'], b['label']
+            if self.replay_bs:
+                r = (
+                    self.buffer.sample(self.replay_bs, self.rng)
+                    if len(self.buffer)
+                    else next(extra)
+                )
+                images = np.concatenate([images, r['image']])
+                labels = np.concatenate([labels, r['label'].astype(np.int32)])
+            images = _augment(images, self.rng, cfg.data.augment)
+            self.state, m = self.step_fn(
+                self.state,
+                {'image': jnp.asarray(images), 'label': jnp.asarray(labels)},
+            )
+            window_images += len(labels)
+            if (k + 1) % cfg.train.log_every and k + 1 != n_steps:
+                continue
+            # Metrics reach the host only at log steps.
+            m = {name: float(v) for name, v in jax.device_get(m).items()}
+            if not all(math.isfinite(v) for v in m.values()):
+                raise FloatingPointError(
+                    f'Non-finite metrics at task {t + 1} step {k + 1}: {m}. '
+                    'Lower config.optim.learning_rate or check the data.'
+                )
+            rate = window_images / max(time.time() - window_start, 1e-9)
+            window_start, window_images = time.time(), 0
+            print(
+                f'task {t + 1}/{len(self.tasks)} step {k + 1:4d}/{n_steps} '
+                f"loss {m['loss']:9.4f} data {m['data_loss']:9.4f} "
+                f"penalty {m['penalty']:9.4f} "
+                f"acc {100 * m['accuracy']:5.1f}% {rate:7.1f} img/s",
+                flush=True,
+            )
+            self.log({'task': t, 'step': k + 1, **m, 'images_per_s': rate})
+
+    def end_task(self, t: int) -> None:
+        """Curvature of task t (DLCFT), anchor update, buffer update."""
+        cfg, task = self.config, self.tasks[t]
+        if self.state.config.regularizer == 'none':
+            self.state = dj.end_task(self.state, None)
+        else:
+            self.key, sub = jax.random.split(self.key)
+            it = data_lib.batches(
+                task['x_train'],
+                task['y_train'],
+                cfg.curvature.batch_size,
+                self.rng,
+            )
+            stats = []
+            for i in range(cfg.curvature.num_batches):
+                b = next(it)
+                images = _augment(b['image'], self.rng, cfg.data.augment)
+                stats.append(
+                    self.curv_fn(
+                        self.state,
+                        {
+                            'image': jnp.asarray(images),
+                            'label': jnp.asarray(b['label']),
+                        },
+                        jax.random.fold_in(sub, i),
+                    )
+                )
+            self.state = dj.end_task(
+                self.state, dj.curvature.mean_curvature(stats)
+            )
+        if self.buffer is not None:
+            self.buffer.add(task['x_train'], task['y_train'], t, rng=self.rng)
+
+    def evaluate(self, t: int, class_mask: np.ndarray) -> list[float]:
+        """% accuracy on the test data of tasks 0..t (arg-max over seen)."""
+        return [
+            _evaluate(
+                self.predict_fn,
+                self.state,
+                self.tasks[j]['x_test'],
+                self.tasks[j]['y_test'],
+                self.config.eval.batch_size,
+                jnp.asarray(class_mask),
+            )
+            for j in range(t + 1)
+        ]
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str
 ) -> dict[str, Any]:
@@ -243,20 +369,14 @@ def train_and_evaluate(
     _setup_compilation_cache(config)
     workdir_path = Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
-    log_path = workdir_path / 'log.jsonl'
-    log_file = open(log_path, 'w', encoding='utf-8')
 
     tasks, num_classes = _load_data(config)
     apply_fn, variables = build_backbone(config)
     mcfg = method_config(config)
-    rng = np.random.default_rng(config.seed)
-    key = jax.random.key(config.seed)
-
-    use_replay = config.replay.buffer_size > 0 and config.replay.batch_size > 0
-    replay_bs = config.replay.batch_size if use_replay else 0
-    batch_size = config.train.batch_size + replay_bs
+    replay_bs = config.replay.batch_size if config.replay.buffer_size else 0
     example = jnp.zeros(
-        (batch_size,) + tasks[0]['x_train'].shape[1:], jnp.uint8
+        (config.train.batch_size + replay_bs,) + tasks[0]['x_train'].shape[1:],
+        jnp.uint8,
     )
     state = dj.create_state(
         apply_fn,
@@ -265,13 +385,6 @@ def train_and_evaluate(
         example_input=example,
         config=mcfg,
     )
-    buffer = (
-        data_lib.ReplayBuffer(config.replay.buffer_size) if use_replay else None
-    )
-    step_fn = jax.jit(dj.train_state.step)
-    predict_fn = jax.jit(dj.predict)
-    curv_fn = jax.jit(dj.train_state.curvature_step)
-
     num_tasks = len(tasks)
     acc = [[None] * num_tasks for _ in range(num_tasks)]
     task_log = []
@@ -284,148 +397,58 @@ def train_and_evaluate(
         config.backbone.name,
         config.backbone.image_size,
     )
-    for t, task in enumerate(tasks):
-        t_task = time.time()
-        n_steps = config.train.steps_per_task * (
-            config.train.first_task_multiplier if t == 0 else 1
-        )
-        seen = np.zeros((num_classes,), np.float32)
-        seen[: (t + 1) * config.data.classes_per_task] = 1.0
-        state = dj.begin_task(state, num_steps=n_steps, class_mask=seen)
-        it = data_lib.batches(
-            task['x_train'], task['y_train'], config.train.batch_size, rng
-        )
-        extra = (
-            data_lib.batches(
-                task['x_train'], task['y_train'], max(replay_bs, 1), rng
+    with open(workdir_path / 'log.jsonl', 'w', encoding='utf-8') as log_file:
+        run = _Run(config, tasks, num_classes, state, log_file)
+        for t, task in enumerate(tasks):
+            n_steps = config.train.steps_per_task * (
+                config.train.first_task_multiplier if t == 0 else 1
             )
-            if replay_bs
-            else None
-        )
-        window_start, window_images = time.time(), 0
-        for k in range(n_steps):
-            b = next(it)
-            images, labels = b['image'], b['label']
-            if replay_bs:
-                r = (
-                    buffer.sample(replay_bs, rng)
-                    if len(buffer)
-                    else next(extra)
-                )
-                images = np.concatenate([images, r['image']])
-                labels = np.concatenate([labels, r['label'].astype(np.int32)])
-            images = _augment(images, rng, config.data.augment)
-            state, m = step_fn(
-                state,
-                {'image': jnp.asarray(images), 'label': jnp.asarray(labels)},
+            seen = np.zeros((num_classes,), np.float32)
+            seen[: (t + 1) * config.data.classes_per_task] = 1.0
+            run.state = dj.begin_task(
+                run.state, num_steps=n_steps, class_mask=seen
             )
-            window_images += len(labels)
-            if (k + 1) % config.train.log_every == 0 or k + 1 == n_steps:
-                m = {name: float(v) for name, v in jax.device_get(m).items()}
-                if not all(math.isfinite(v) for v in m.values()):
-                    raise FloatingPointError(
-                        f'Non-finite metrics at task {t} step {k + 1}: {m}. Lower '
-                        'config.optim.learning_rate or check the data.'
-                    )
-                rate = window_images / max(time.time() - window_start, 1e-9)
-                window_start, window_images = time.time(), 0
-                print(
-                    f'task {t + 1}/{num_tasks} step {k + 1:4d}/{n_steps} '
-                    f"loss {m['loss']:9.4f} data {m['data_loss']:9.4f} "
-                    f"penalty {m['penalty']:9.4f} acc {100 * m['accuracy']:5.1f}% "
-                    f'{rate:7.1f} img/s',
-                    flush=True,
-                )
-                log_file.write(
-                    json.dumps(
-                        {'task': t, 'step': k + 1, **m, 'images_per_s': rate}
-                    )
-                    + '\n'
-                )
-                log_file.flush()
-        train_s = time.time() - t_task
-
-        t_curv = time.time()
-        if mcfg.regularizer != 'none':
-            key, sub = jax.random.split(key)
-            cb = data_lib.batches(
-                task['x_train'],
-                task['y_train'],
-                config.curvature.batch_size,
-                rng,
+            t0 = time.time()
+            run.train_task(t, n_steps)
+            t1 = time.time()
+            run.end_task(t)
+            t2 = time.time()
+            acc[t][: t + 1] = run.evaluate(t, seen)
+            seen_rows = [row[: t + 1] for row in acc[: t + 1]]
+            summary = {
+                'task': t,
+                'classes': task['classes'],
+                'accuracy': acc[t][: t + 1],
+                'average_accuracy': metrics_lib.average_accuracy(seen_rows),
+                'forgetting': metrics_lib.forgetting(seen_rows),
+                'backward_transfer': metrics_lib.backward_transfer(seen_rows),
+                'train_s': t1 - t0,
+                'curvature_s': t2 - t1,
+            }
+            task_log.append(summary)
+            run.log({'event': 'task_end', **summary})
+            print(
+                f'after task {t + 1}: '
+                + ' '.join(f'T{j + 1} {acc[t][j]:5.1f}%' for j in range(t + 1))
+                + f" | average {summary['average_accuracy']:5.2f}%"
+                + f" | forgetting {summary['forgetting']:5.2f}"
+                + f' | train {t1 - t0:.0f}s curvature {t2 - t1:.0f}s',
+                flush=True,
             )
-            stats = []
-            for i in range(config.curvature.num_batches):
-                b = next(cb)
-                images = _augment(b['image'], rng, config.data.augment)
-                stats.append(
-                    curv_fn(
-                        state,
-                        {
-                            'image': jnp.asarray(images),
-                            'label': jnp.asarray(b['label']),
-                        },
-                        jax.random.fold_in(sub, i),
-                    )
-                )
-            state = dj.end_task(state, dj.curvature.mean_curvature(stats))
-        else:
-            state = dj.end_task(state, None)
-        curv_s = time.time() - t_curv
 
-        if buffer is not None:
-            buffer.add(task['x_train'], task['y_train'], t, rng=rng)
-
-        for j in range(t + 1):
-            acc[t][j] = _evaluate(
-                predict_fn,
-                state,
-                tasks[j]['x_test'],
-                tasks[j]['y_test'],
-                config.eval.batch_size,
-                jnp.asarray(seen),
-            )
-        r = [row[: t + 1] for row in acc[: t + 1]]
-        avg = metrics_lib.average_accuracy(r)
-        summary = {
-            'task': t,
-            'classes': task['classes'],
-            'accuracy': acc[t][: t + 1],
-            'average_accuracy': avg,
-            'forgetting': metrics_lib.forgetting(r),
-            'backward_transfer': metrics_lib.backward_transfer(r),
-            'train_s': train_s,
-            'curvature_s': curv_s,
-        }
-        task_log.append(summary)
-        log_file.write(json.dumps({'event': 'task_end', **summary}) + '\n')
-        log_file.flush()
-        print(
-            f'after task {t + 1}: '
-            + ' '.join(f'T{j + 1} {acc[t][j]:5.1f}%' for j in range(t + 1))
-            + f' | average {avg:5.2f}% | forgetting '
-            f"{summary['forgetting']:5.2f} | train {train_s:.0f}s curvature "
-            f'{curv_s:.0f}s',
-            flush=True,
-        )
-
-    log_file.close()
-    final = [row for row in acc]
     results = {
         'setting': config.setting,
         'method': config.method,
         'num_tasks': num_tasks,
         'classes_per_task': config.data.classes_per_task,
         'task_classes': [task['classes'] for task in tasks],
-        'accuracy_matrix': final,
-        'average_accuracy': metrics_lib.average_accuracy(final),
-        'forgetting': metrics_lib.forgetting(final),
-        'backward_transfer': metrics_lib.backward_transfer(final),
+        'accuracy_matrix': acc,
+        'average_accuracy': metrics_lib.average_accuracy(acc),
+        'forgetting': metrics_lib.forgetting(acc),
+        'backward_transfer': metrics_lib.backward_transfer(acc),
         'per_task': task_log,
         'wall_time_s': time.time() - t_start,
-        'method_config': {
-            k: getattr(mcfg, k) for k in mcfg.__dataclass_fields__
-        },
+        'method_config': dataclasses.asdict(mcfg),
         'config': json.loads(config.to_json_best_effort()),
         'devices': [str(d) for d in jax.devices()],
         'jax_version': jax.__version__,
@@ -433,7 +456,7 @@ def train_and_evaluate(
     with open(workdir_path / 'results.json', 'w', encoding='utf-8') as f:
         json.dump(results, f, indent=2)
     print('\naccuracy matrix (row: after task i, column: test data of task j)')
-    print(metrics_lib.format_accuracy_matrix(final))
+    print(metrics_lib.format_accuracy_matrix(acc))
     print(
         f"average accuracy {results['average_accuracy']:.2f}% | forgetting "
         f"{results['forgetting']:.2f} | backward transfer "

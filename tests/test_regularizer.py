@@ -7,7 +7,6 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import dlcft_jax as dj
-from dlcft_jax import curvature as cv
 from dlcft_jax import linearization as lin
 from dlcft_jax import losses
 from dlcft_jax import regularizer as rg
