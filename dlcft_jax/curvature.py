@@ -53,7 +53,7 @@ depthwise) and `dlcft_jax.models.DepthwiseConv2D`.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -471,12 +471,6 @@ def accumulate(
     """
     t = jnp.asarray(num_tasks, jnp.float32)
     return jax.tree.map(lambda a, b: (t * a + b) / (t + 1.0), running, new)
-
-
-def mean_curvature(batches: Sequence[Curvature]) -> Curvature:
-    """Average of per-batch statistics."""
-    n = len(batches)
-    return jax.tree.map(lambda *xs: sum(xs) / n, *batches)
 
 
 def grow_head(

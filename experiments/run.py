@@ -4,10 +4,11 @@ r"""Runs a continual fine-tuning experiment.
       --workdir=/tmp/dlcft_class_il [--config.method=finetune ...]
 
 Everything reusable lives in `dlcft_jax`; `experiments.train` holds the task
-loop. A configuration error ends the run with one message saying what to
-change.
+loop. A configuration or data error ends the run with one message saying what to
+change (set DLCFT_TRACEBACK=1 to see the traceback instead).
 """
 
+import os
 import sys
 
 from absl import app
@@ -35,10 +36,13 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (train.ConfigError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        # Configuration and data errors (train.ConfigError is a ValueError)
+        # end with one message that says what to change.
+        if os.environ.get('DLCFT_TRACEBACK'):
+            raise
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
-
 
 if __name__ == '__main__':
     app.run(main)

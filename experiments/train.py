@@ -317,23 +317,21 @@ class _Run:
                 cfg.curvature.batch_size,
                 self.rng,
             )
-            stats = []
-            for i in range(cfg.curvature.num_batches):
-                b = next(it)
-                images = _augment(b['image'], self.rng, cfg.data.augment)
-                stats.append(
-                    self.curv_fn(
-                        self.state,
-                        {
-                            'image': jnp.asarray(images),
-                            'label': jnp.asarray(b['label']),
-                        },
-                        jax.random.fold_in(sub, i),
-                    )
-                )
-            self.state = dj.end_task(
-                self.state, dj.curvature.mean_curvature(stats)
+
+            def batches():  # augmented, as in the paper
+                for _ in range(cfg.curvature.num_batches):
+                    b = next(it)
+                    images = _augment(b['image'], self.rng, cfg.data.augment)
+                    yield {
+                        'image': jnp.asarray(images),
+                        'label': jnp.asarray(b['label']),
+                    }
+
+            # A running sum on the device: one copy of the factors at a time.
+            curvature = dj.estimate_curvature(
+                self.state, batches(), sub, stats_fn=self.curv_fn
             )
+            self.state = dj.end_task(self.state, curvature)
         if self.buffer is not None:
             self.buffer.add(task['x_train'], task['y_train'], t, rng=self.rng)
 
