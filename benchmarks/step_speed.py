@@ -21,6 +21,7 @@ top-level key `ratio` (DLCFT with the default grad mode / plain).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -57,14 +58,15 @@ _OUT = flags.DEFINE_string('out', None, 'Write the figures as JSON here.')
 def hardware() -> dict[str, Any]:
     """What the figures were measured on."""
     cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo', encoding='utf-8') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    cpu = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    # /proc/cpuinfo names the CPU on Linux; elsewhere keep platform's answer.
+    with (
+        contextlib.suppress(OSError),
+        open('/proc/cpuinfo', encoding='utf-8') as f,
+    ):
+        for line in f:
+            if line.startswith('model name'):
+                cpu = line.split(':', 1)[1].strip()
+                break
     dev = jax.devices()[0]
     return {
         'backend': jax.default_backend(),

@@ -1,7 +1,7 @@
 r"""Runs a continual fine-tuning experiment.
 
   python -m experiments.run --config=experiments/configs/class_il.py \
-      --workdir=/tmp/dlcft_class_il [--config.method=finetune ...]
+      --workdir=runs/class_il [--config.method=finetune ...]
 
 Everything reusable lives in `dlcft_jax`; `experiments.train` holds the task
 loop. A configuration or data error ends the run with one message saying what to
@@ -43,6 +43,7 @@ def main(argv):
             raise
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+
 
 if __name__ == '__main__':
     app.run(main)

@@ -5,11 +5,11 @@ committed in `experiments/data/cifar10_5x2` (300 train / 100 test images per
 class), EfficientNet-Lite0 pre-trained on ImageNet, images at 32 px:
 
   python -m experiments.run --config=experiments/configs/class_il.py \
-      --workdir=/tmp/dlcft_class_il
+      --workdir=runs/class_il
 
   # the baseline on the same tasks (non-linear net, cross-entropy, no penalty)
   python -m experiments.run --config=experiments/configs/class_il.py \
-      --config.method=finetune --workdir=/tmp/finetune_class_il
+      --config.method=finetune --workdir=runs/finetune_class_il
 
 Expected (2-core x86-64 CPU, no GPU): about 3 minutes each, compilation
 included. Average accuracy over the 10 classes after the last task:
