@@ -16,6 +16,10 @@ every device ends the step with the same state.
   gradients of replicated inputs across devices, and the explicit `pmean`
   would then be wrong by a factor.)
 
+Both donate the input state (`donate=True`, the default): the step returns
+a new state and the old one's buffers are reused, so do not touch a state
+after passing it in. `dlcft_jax.step` (one device) does not donate.
+
 Multi-host runs use the same functions after `jax.distributed.initialize()`;
 each host feeds its own part of the global batch.
 """
@@ -36,11 +40,15 @@ AXIS = 'batch'
 
 
 def pmap_step(
-    step_fn: Callable[..., Any] = train_state.step, axis_name: str = AXIS
+    step_fn: Callable[..., Any] = train_state.step,
+    axis_name: str = AXIS,
+    donate: bool = True,
 ) -> Callable[..., Any]:
     """`jax.pmap` of `step_fn(state, batch, axis_name=...)` over local devices."""
     return jax.pmap(
-        functools.partial(step_fn, axis_name=axis_name), axis_name=axis_name
+        functools.partial(step_fn, axis_name=axis_name),
+        axis_name=axis_name,
+        donate_argnums=(0,) if donate else (),
     )
 
 
@@ -48,6 +56,7 @@ def shard_map_step(
     mesh: Mesh,
     step_fn: Callable[..., Any] = train_state.step,
     axis_name: str = AXIS,
+    donate: bool = True,
 ) -> Callable[..., Any]:
     """`jax.jit(jax.shard_map(step_fn))`: replicated state, batch split on axis 0."""
     fn = jax.shard_map(
@@ -57,7 +66,7 @@ def shard_map_step(
         out_specs=(P(), P()),
         check_vma=False,
     )
-    return jax.jit(fn)
+    return jax.jit(fn, donate_argnums=(0,) if donate else ())
 
 
 def make_mesh(

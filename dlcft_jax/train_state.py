@@ -223,6 +223,7 @@ def create_state(
     Returns:
       The `TrainState`.
     """
+    params0 = jax.tree.map(jnp.asarray, params0)  # NumPy in, device arrays out
     delta = lin.zeros_like_trainable(params0, trainable)
     feat = jax.eval_shape(apply_fn, params0, example_input)
     if len(feat.shape) != 2:
@@ -264,7 +265,9 @@ def create_state(
         task=jnp.zeros((), jnp.int32),
         num_steps=jnp.asarray(num_steps, jnp.int32),
         params=params,
-        centre=params,
+        # A copy, not the same buffers: a step that donates its input state
+        # must not see one buffer twice.
+        centre=_copy(params),
         opt_state=tx.init(params),
         curvature=curvature,
         class_mask=jnp.ones((num_classes,), jnp.float32),
@@ -273,6 +276,10 @@ def create_state(
         tx=tx,
         config=config,
     )
+
+
+def _copy(tree: Params) -> Params:
+    return jax.tree.map(jnp.copy, tree)
 
 
 def features(state: TrainState, params: Params, x: jax.Array) -> jax.Array:
@@ -527,7 +534,7 @@ def end_task(
             state.curvature, task_curvature, state.task
         )
     return state.replace(
-        curvature=curvature, centre=state.params, task=state.task + 1
+        curvature=curvature, centre=_copy(state.params), task=state.task + 1
     )
 
 

@@ -247,7 +247,8 @@ class _Run:
             if use_replay
             else None
         )
-        self.step_fn = jax.jit(dj.train_state.step)
+        # The loop never reuses an old state: let XLA update it in place.
+        self.step_fn = jax.jit(dj.train_state.step, donate_argnums=0)
         self.predict_fn = jax.jit(dj.predict)
         self.curv_fn = jax.jit(dj.train_state.curvature_step)
 
