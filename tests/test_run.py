@@ -46,12 +46,17 @@ def fixture_npz_dir(tmp_path, repo_root):
     return out
 
 
-@pytest.mark.parametrize('method', ['dlcft', 'finetune'])
-def test_class_il_run_writes_complete_results(tmp_path, npz_dir, method):
+@pytest.mark.parametrize(
+    'method,curvature', [('dlcft', 'kfac'), ('dlcft', 'tkfac'), ('finetune', '')]
+)
+def test_class_il_run_writes_complete_results(
+    tmp_path, npz_dir, method, curvature
+):
     workdir = tmp_path / 'run'
-    results = train.train_and_evaluate(
-        _tiny_config(npz_dir, method), str(workdir)
-    )
+    config = _tiny_config(npz_dir, method)
+    if curvature:
+        config.curvature.kind = curvature
+    results = train.train_and_evaluate(config, str(workdir))
     on_disk = json.loads((workdir / 'results.json').read_text())
     assert on_disk['average_accuracy'] == results['average_accuracy']
     for key in (
@@ -83,6 +88,7 @@ def test_class_il_run_writes_complete_results(tmp_path, npz_dir, method):
     ]
     assert any(e.get('event') == 'task_end' for e in log)
     assert all(np.isfinite(e['loss']) for e in log if 'loss' in e)
+    assert on_disk['method_config']['regularizer'] == (curvature or 'none')
     if method == 'dlcft':
         # The second task's steps carry the K-FAC and head penalty.
         assert any(e.get('task') == 1 and e.get('penalty', 0) > 0 for e in log)
