@@ -37,10 +37,15 @@ block-diagonal over channels, and K-FAC of each block is
 
 stored as A (C, k², k²) and S (C,). Treating the layer as a dense conv with a
 (C·k²)×(C·k²) A and a C×C S would put curvature on the zero off-diagonal
-filters and mix channels; the per-channel form does neither.
+filters and mix channels; the per-channel form does neither. A depthwise bias
+b_c belongs to channel c's block: a_c gets a trailing 1 and A becomes
+(C, k²+1, k²+1).
 
 Trace-restricted K-FAC (Gao et al., 2020) rescales each layer's A ⊗ S by
 tr(F)/(tr A · tr S), with tr F = E_n‖∂ℓ_n/∂Δ‖² the exact per-example trace.
+For a convolution that is E_n‖Σ_t g_t a_tᵀ‖², cross-position terms included;
+the authors' code used E[‖a‖²‖g‖²] per position instead, which agrees for
+dense layers only, so trace-restricted numbers on conv nets can differ.
 
 Why not kfac-jax: its layer tags expect to see the loss and the parameters in
 one forward pass, while DLCFT needs the statistics of a *linearized* network
@@ -255,11 +260,14 @@ def kernel_matrix(
 
     dense (in, out) and conv HWIO (kh, kw, in, out) kernels become
     (in·kh·kw [+1], out) with the bias as the last row; depthwise kernels
-    (kh, kw, 1, C) become (C, kh·kw).
+    (kh, kw, 1, C) become (C, kh·kw [+1]) with the bias as the last column.
     """
     if kind == 'depthwise':
         kh, kw, _, c = kernel.shape
-        return kernel.reshape(kh * kw, c).T
+        mat = kernel.reshape(kh * kw, c).T
+        if bias is not None:
+            mat = jnp.concatenate([mat, bias[:, None]], axis=1)
+        return mat
     if kernel.ndim > 2:
         kernel = jnp.moveaxis(kernel, -2, 0).reshape(-1, kernel.shape[-1])
     if bias is not None:
@@ -310,6 +318,10 @@ def layer_factors(
     if spec.kind == 'depthwise':
         c = gm.shape[-1]
         a = a.reshape(b, t, c, -1)
+        if has_bias:
+            a = jnp.concatenate(
+                [a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1
+            )
         A = jnp.einsum('btck,btcl->ckl', a, a) / (b * t)
         S = jnp.einsum('btc,btc->c', gm, gm) / b
         out = {'A': A, 'S': S}

@@ -105,7 +105,9 @@ def layer_penalty(
     A, S = factors['A'], factors['S']
     if S.ndim == 1:
         value = depthwise_quadratic(
-            curv_lib.kernel_matrix(delta_kernel, None, 'depthwise'), A, S
+            curv_lib.kernel_matrix(delta_kernel, delta_bias, 'depthwise'),
+            A,
+            S,
         )
         tr_as = jnp.sum(jnp.trace(A, axis1=-2, axis2=-1) * S)
     else:
@@ -226,7 +228,7 @@ def dense_penalty_matrix(
             parts.append(
                 curv_lib.kernel_matrix(
                     module['kernel'],
-                    module.get('bias') if kind == 'dense' else None,
+                    module.get('bias'),
                     kind,
                 ).reshape(-1)
             )

@@ -223,7 +223,9 @@ def create_state(
     Returns:
       The `TrainState`.
     """
-    params0 = jax.tree.map(jnp.asarray, params0)  # NumPy in, device arrays out
+    # Own copies on the device: steps that donate the state then never
+    # invalidate the caller's pre-trained variables.
+    params0 = jax.tree.map(jnp.array, params0)
     delta = lin.zeros_like_trainable(params0, trainable)
     feat = jax.eval_shape(apply_fn, params0, example_input)
     if len(feat.shape) != 2:

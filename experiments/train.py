@@ -72,6 +72,10 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         'config.train.first_task_multiplier must be >= 1.',
     )
     need(
+        config.train.log_every >= 1 and config.eval.batch_size >= 1,
+        'config.train.log_every and config.eval.batch_size must be >= 1.',
+    )
+    need(
         config.replay.buffer_size >= 0 and config.replay.batch_size >= 0,
         'config.replay.buffer_size and config.replay.batch_size must be >= 0.',
     )
@@ -187,12 +191,17 @@ def _load_data(config):
     for classes in tasks:
         tr = data_lib.task_indices(y_train, classes)
         te = data_lib.task_indices(y_test, classes)
-        if len(tr) < config.train.batch_size:
-            raise ConfigError(
-                f'Task with classes {list(map(int, classes))} has {len(tr)} '
-                f'training images, fewer than config.train.batch_size='
-                f'{config.train.batch_size}; lower the batch size.'
-            )
+        for name, size in (
+            ('train.batch_size', config.train.batch_size),
+            ('replay.batch_size', config.replay.batch_size),
+            ('curvature.batch_size', config.curvature.batch_size),
+        ):
+            if len(tr) < size:
+                raise ConfigError(
+                    f'Task with classes {list(map(int, classes))} has '
+                    f'{len(tr)} training images, fewer than config.{name}='
+                    f'{size}; lower config.{name}.'
+                )
         if len(te) == 0:
             raise ConfigError(
                 f'Task with classes {list(map(int, classes))} has no '

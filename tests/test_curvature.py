@@ -170,15 +170,24 @@ def test_patch_ordering_matches_kernel_flattening(name):
         np.testing.assert_allclose(grad_mat, mine, atol=1e-10)
 
 
-@pytest.mark.parametrize('name', list(LAYERS))
+@pytest.mark.parametrize(
+    'name,has_bias',
+    [
+        ('dense', True),
+        ('conv', True),
+        ('depthwise', False),
+        ('depthwise', True),
+    ],
+)
 @pytest.mark.parametrize('restricted', [False, True])
-def test_kfac_penalty_equals_explicit_kronecker_form(name, restricted):
+def test_kfac_penalty_equals_explicit_kronecker_form(
+    name, has_bias, restricted
+):
     with jax.enable_x64(True):
         rng = np.random.default_rng(3)
         x, kernel, spec, conv = _layer_setup(name, rng)
         y = conv(jnp.asarray(x), jnp.asarray(kernel))
         g = jnp.asarray(rng.normal(size=y.shape))
-        has_bias = name != 'depthwise'
         f = cv.layer_factors(spec, jnp.asarray(x), g, has_bias)
         # Factors from the independent im2col.
         b = x.shape[0]
@@ -198,6 +207,8 @@ def test_kfac_penalty_equals_explicit_kronecker_form(name, restricted):
         if name == 'depthwise':
             c = gm.shape[-1]
             a4 = a.reshape(b, t, c, -1)
+            if has_bias:  # each channel's patch gets its own trailing 1
+                a4 = np.concatenate([a4, np.ones(a4.shape[:-1] + (1,))], -1)
             np.testing.assert_allclose(
                 f['A'],
                 np.einsum('btck,btcl->ckl', a4, a4) / (b * t),
@@ -258,13 +269,17 @@ def test_kfac_penalty_equals_explicit_kronecker_form(name, restricted):
         )
 
 
-@pytest.mark.parametrize('impl', ['xla', 'shift'])
-def test_batch_statistics_are_those_of_the_linearized_network(impl):
+@pytest.mark.parametrize(
+    'impl,dw_bias', [('xla', False), ('shift', False), ('xla', True)]
+)
+def test_batch_statistics_are_those_of_the_linearized_network(impl, dw_bias):
     """Σ_t a gᵀ built from the recorded primal inputs and tangent-output
     gradients equals the autodiff gradient of the linearized loss w.r.t. each
     layer's Δ; the head factor is E[z̄ z̄ᵀ] of g_lin."""
     with jax.enable_x64(True):
-        apply_fn, v = init_small(jax.random.key(0), depthwise_impl=impl)
+        apply_fn, v = init_small(
+            jax.random.key(0), depthwise_impl=impl, depthwise_bias=dw_bias
+        )
         v = jax.tree.map(lambda a: a.astype(jnp.float64), v)
         x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3), jnp.float64)
         train0, _ = lin.split(v)
@@ -307,9 +322,12 @@ def test_batch_statistics_are_those_of_the_linearized_network(impl):
             )
             g = tap_grads[key].reshape(b, a.shape[1], -1)
             if spec.kind == 'depthwise':
-                got = jnp.einsum(
-                    'btck,btc->ck', a.reshape(b, a.shape[1], g.shape[-1], -1), g
-                )
+                a4 = a.reshape(b, a.shape[1], g.shape[-1], -1)
+                if has_bias:
+                    a4 = jnp.concatenate(
+                        [a4, jnp.ones(a4.shape[:-1] + (1,))], -1
+                    )
+                got = jnp.einsum('btck,btc->ck', a4, g)
             else:
                 if has_bias:
                     a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,))], -1)

@@ -34,7 +34,8 @@ def _tasks(num_tasks, b=12, num_classes=3, seed=0):
 @pytest.mark.parametrize('restricted', [False, True])
 def test_model_penalty_equals_dense_block_diagonal_form(restricted):
     with jax.enable_x64(True):
-        apply_fn, v = init_small(jax.random.key(0))
+        # Every layer kind, a depthwise conv with a bias included.
+        apply_fn, v = init_small(jax.random.key(0), depthwise_bias=True)
         v = _f64(v)
         batch = _tasks(1)[0]
         state = dj.create_state(

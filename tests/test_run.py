@@ -47,7 +47,8 @@ def fixture_npz_dir(tmp_path, repo_root):
 
 
 @pytest.mark.parametrize(
-    'method,curvature', [('dlcft', 'kfac'), ('dlcft', 'tkfac'), ('finetune', '')]
+    'method,curvature',
+    [('dlcft', 'kfac'), ('dlcft', 'tkfac'), ('finetune', '')],
 )
 def test_class_il_run_writes_complete_results(
     tmp_path, npz_dir, method, curvature
@@ -98,6 +99,14 @@ def test_bad_config_ends_with_one_clear_message(tmp_path, npz_dir):
     config = _tiny_config(npz_dir)
     config.method = 'ewc'
     with pytest.raises(train.ConfigError, match='config.method'):
+        train.train_and_evaluate(config, str(tmp_path / 'w'))
+    config = _tiny_config(npz_dir)
+    config.curvature.batch_size = 500  # a task has 40 training images
+    with pytest.raises(train.ConfigError, match='config.curvature.batch_size'):
+        train.train_and_evaluate(config, str(tmp_path / 'w'))
+    config = _tiny_config(npz_dir)
+    config.train.log_every = 0
+    with pytest.raises(train.ConfigError, match='log_every'):
         train.train_and_evaluate(config, str(tmp_path / 'w'))
     config = _tiny_config(npz_dir)
     config.data.num_tasks = 3  # 6 classes, the data has 4

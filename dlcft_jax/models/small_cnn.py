@@ -23,11 +23,13 @@ class SmallConvNet(nn.Module):
       width: channels of the conv layers.
       features: size of the output feature vector.
       depthwise_impl: 'xla' (nn.Conv with groups) or 'shift' (DepthwiseConv2D).
+      depthwise_bias: give the 'xla' depthwise conv a bias.
     """
 
     width: int = 4
     features: int = 6
     depthwise_impl: str = 'xla'
+    depthwise_bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -47,7 +49,7 @@ class SmallConvNet(nn.Module):
                 (3, 3),
                 feature_group_count=self.width,
                 padding='SAME',
-                use_bias=False,
+                use_bias=self.depthwise_bias,
                 name='dw',
             )(x)
         else:
