@@ -123,7 +123,7 @@ class _TensorRef:
             strides=tuple(s * itemsize for s in self.stride),
             writeable=False,
         )
-        return np.array(view, copy=True)
+        return np.array(view, order='C', copy=True)
 
 
 def _rebuild_tensor_v2(
