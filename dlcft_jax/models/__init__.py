@@ -1,4 +1,4 @@
-"""Network definitions: EfficientNet-Lite0, fast depthwise conv, weights."""
+"""Backbones (EfficientNet-Lite0, ResNets), fast depthwise conv, weight loading."""
 
 from dlcft_jax.models.depthwise import (
     DepthwiseConv2D,
@@ -13,6 +13,20 @@ from dlcft_jax.models.efficientnet_lite import (
     preprocess,
     resize,
 )
+from dlcft_jax.models.convert_torch import (
+    convert_resnet_state_dict,
+    load_resnet,
+    read_torch_state_dict,
+)
+from dlcft_jax.models.resnet import (
+    CifarResNet18,
+    ResNet,
+    cifar_resnet18,
+    feature_dim,
+    resnet18,
+    resnet50,
+    split_head,
+)
 from dlcft_jax.models.weights import (
     convert_state_dict,
     load_efficientnet_lite0,
@@ -21,6 +35,16 @@ from dlcft_jax.models.weights import (
 )
 
 __all__ = [
+    'CifarResNet18',
+    'ResNet',
+    'cifar_resnet18',
+    'convert_resnet_state_dict',
+    'feature_dim',
+    'load_resnet',
+    'read_torch_state_dict',
+    'resnet18',
+    'resnet50',
+    'split_head',
     'DepthwiseConv2D',
     'EfficientNetLite0',
     'FEATURE_DIM',
