@@ -137,6 +137,7 @@ def penalty(
     curvature: Mapping[str, Any],
     *,
     restricted: bool = False,
+    with_head: bool = True,
 ) -> jax.Array:
     """R(θ) over the backbone layers and the head.
 
@@ -146,12 +147,18 @@ def penalty(
       curvature: {'layers': {key: factors}, 'head': {'A', 'S'}} as produced by
         `curvature.batch_curvature` / `curvature.accumulate`.
       restricted: trace-restricted K-FAC for the backbone layers.
+      with_head: include the head block (task-IL leaves its per-task heads
+        unregularized, as in the paper).
 
     Returns:
       The scalar penalty (without the task-count weight t).
     """
     diff = jax.tree.map(jnp.subtract, params, centre)
-    total = head_penalty(diff['head'], curvature['head'])
+    total = (
+        head_penalty(diff['head'], curvature['head'])
+        if with_head
+        else jnp.zeros((), diff['head']['kernel'].dtype)
+    )
     backbone = diff['backbone']
     prefix = ('params',) if 'params' in backbone else ()
     for key, factors in curvature['layers'].items():
@@ -170,10 +177,11 @@ def penalty_value_and_grad(
     curvature: Mapping[str, Any],
     *,
     restricted: bool = False,
+    with_head: bool = True,
 ):
     """(R(θ), ∇R(θ)); the gradient reuses the products of the value."""
     return jax.value_and_grad(
-        functools.partial(penalty, restricted=restricted)
+        functools.partial(penalty, restricted=restricted, with_head=with_head)
     )(params, centre, curvature)
 
 

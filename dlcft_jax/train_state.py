@@ -65,6 +65,8 @@ class MethodConfig:
       weight_decay: coupled L2 coefficient λ.
       clip_norm: global-norm clipping threshold (0 disables it).
       grad_mode: 'jvp' or 'vjp', see `linearization.tangent_apply`.
+      regularize_head: include the head in the penalty (False for task-IL,
+        whose per-task heads the paper leaves unregularized).
     """
 
     linearized: bool = True
@@ -82,6 +84,7 @@ class MethodConfig:
     weight_decay: float = 1e-5
     clip_norm: float = 1.0
     grad_mode: str = 'jvp'
+    regularize_head: bool = True
 
     def __post_init__(self):
         checks = [
@@ -380,6 +383,7 @@ def step(
                 state.centre,
                 state.curvature,
                 restricted=restricted,
+                with_head=cfg.regularize_head,
             )
 
         def without_penalty():

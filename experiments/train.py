@@ -37,7 +37,7 @@ from dlcft_jax import losses
 from dlcft_jax import metrics as metrics_lib
 
 DEFAULT_NPZ_DIR = Path(__file__).resolve().parent / 'data' / 'cifar10_5x2'
-SETTINGS = ('class_il',)
+SETTINGS = ('class_il', 'task_il', 'data_il')
 RESNETS = ('cifar_resnet18', 'resnet18', 'resnet50')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -114,6 +114,8 @@ def method_config(config: ml_collections.ConfigDict) -> dj.MethodConfig:
             overrides[key] = o[name]
     if config.method == 'dlcft':
         overrides['regularizer'] = config.curvature.kind
+        # Task-IL heads are separate per task and not regularized (spec §3.3).
+        overrides['regularize_head'] = config.setting != 'task_il'
         return dj.MethodConfig.dlcft(**overrides)
     return dj.MethodConfig.finetune(**overrides)
 
@@ -213,10 +215,50 @@ def _setup_compilation_cache(config: ml_collections.ConfigDict) -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
+def _check_task_size(config, n_train: int, n_test: int, what: str) -> None:
+    for name, size in (
+        ('train.batch_size', config.train.batch_size),
+        ('replay.batch_size', config.replay.batch_size),
+        ('curvature.batch_size', config.curvature.batch_size),
+    ):
+        if n_train < size:
+            raise ConfigError(
+                f'{what} has {n_train} training images, fewer than '
+                f'config.{name}={size}; lower config.{name}.'
+            )
+    if n_test == 0:
+        raise ConfigError(f'{what} has no test images in the data.')
+
+
 def _load_data(config):
+    """The tasks of the run and the width of the head.
+
+    class_il / task_il: tasks are groups of `classes_per_task` classes, whose
+    labels become head rows 0..C−1 in task order. data_il: the training set
+    is split into `num_tasks` equal random chunks (seeded), every task keeps
+    all classes and is tested on the full test set.
+    """
     npz_dir = config.data.npz_dir or str(DEFAULT_NPZ_DIR)
     x_train, y_train = data_lib.load_npz(npz_dir, 'train')
     x_test, y_test = data_lib.load_npz(npz_dir, 'test')
+    if config.setting == 'data_il':
+        num_classes = int(max(y_train.max(), y_test.max())) + 1
+        order = np.random.default_rng(config.seed).permutation(len(y_train))
+        size = len(order) // config.data.num_tasks
+        out = []
+        for t in range(config.data.num_tasks):
+            idx = np.sort(order[t * size : (t + 1) * size])
+            _check_task_size(config, len(idx), len(y_test), f'Task {t + 1}')
+            out.append(
+                {
+                    'classes': list(range(num_classes)),
+                    'x_train': x_train[idx],
+                    'y_train': y_train[idx].astype(np.int32),
+                    'x_test': x_test,
+                    'y_test': y_test.astype(np.int32),
+                }
+            )
+        return out, num_classes
     num_classes = config.data.num_tasks * config.data.classes_per_task
     order = None
     if config.data.class_order_seed is not None:
@@ -232,27 +274,17 @@ def _load_data(config):
     )
     # Map the run's classes to head rows 0..C−1 in task order.
     row = {int(c): i for i, c in enumerate(np.concatenate(tasks))}
+    remap = np.vectorize(row.__getitem__, otypes=[np.int32])
     out = []
     for classes in tasks:
         tr = data_lib.task_indices(y_train, classes)
         te = data_lib.task_indices(y_test, classes)
-        for name, size in (
-            ('train.batch_size', config.train.batch_size),
-            ('replay.batch_size', config.replay.batch_size),
-            ('curvature.batch_size', config.curvature.batch_size),
-        ):
-            if len(tr) < size:
-                raise ConfigError(
-                    f'Task with classes {list(map(int, classes))} has '
-                    f'{len(tr)} training images, fewer than config.{name}='
-                    f'{size}; lower config.{name}.'
-                )
-        if len(te) == 0:
-            raise ConfigError(
-                f'Task with classes {list(map(int, classes))} has no '
-                'test images in the data.'
-            )
-        remap = np.vectorize(row.__getitem__, otypes=[np.int32])
+        _check_task_size(
+            config,
+            len(tr),
+            len(te),
+            f'Task with classes {list(map(int, classes))}',
+        )
         out.append(
             {
                 'classes': [int(c) for c in classes],
@@ -263,6 +295,32 @@ def _load_data(config):
             }
         )
     return out, num_classes
+
+
+def _task_rows(config, t: int, num_classes: int) -> np.ndarray:
+    mask = np.zeros((num_classes,), np.float32)
+    cpt = config.data.classes_per_task
+    mask[t * cpt : (t + 1) * cpt] = 1.0
+    return mask
+
+
+def class_masks(config, t: int, num_classes: int):
+    """(training mask of task t, test masks of tasks 0..t) for the setting.
+
+    class_il: the classes seen so far, for training and for every test (no
+    task id at test). task_il: the rows of the task's own head, for training
+    and for that task's test (the task id picks the head). data_il: all.
+    """
+    if config.setting == 'data_il':
+        ones = np.ones((num_classes,), np.float32)
+        return ones, [ones] * (t + 1)
+    if config.setting == 'task_il':
+        return _task_rows(config, t, num_classes), [
+            _task_rows(config, j, num_classes) for j in range(t + 1)
+        ]
+    seen = np.zeros((num_classes,), np.float32)
+    seen[: (t + 1) * config.data.classes_per_task] = 1.0
+    return seen, [seen] * (t + 1)
 
 
 def _augment(images, rng, enabled):
@@ -390,8 +448,8 @@ class _Run:
         if self.buffer is not None:
             self.buffer.add(task['x_train'], task['y_train'], t, rng=self.rng)
 
-    def evaluate(self, t: int, class_mask: np.ndarray) -> list[float]:
-        """% accuracy on the test data of tasks 0..t (arg-max over seen)."""
+    def evaluate(self, masks: list[np.ndarray]) -> list[float]:
+        """% accuracy on the test data of tasks 0..t, arg-max within masks."""
         return [
             _evaluate(
                 self.predict_fn,
@@ -399,9 +457,9 @@ class _Run:
                 self.tasks[j]['x_test'],
                 self.tasks[j]['y_test'],
                 self.config.eval.batch_size,
-                jnp.asarray(class_mask),
+                jnp.asarray(mask),
             )
-            for j in range(t + 1)
+            for j, mask in enumerate(masks)
         ]
 
 
@@ -456,17 +514,16 @@ def train_and_evaluate(
             n_steps = config.train.steps_per_task * (
                 config.train.first_task_multiplier if t == 0 else 1
             )
-            seen = np.zeros((num_classes,), np.float32)
-            seen[: (t + 1) * config.data.classes_per_task] = 1.0
+            train_mask, test_masks = class_masks(config, t, num_classes)
             run.state = dj.begin_task(
-                run.state, num_steps=n_steps, class_mask=seen
+                run.state, num_steps=n_steps, class_mask=train_mask
             )
             t0 = time.time()
             run.train_task(t, n_steps)
             t1 = time.time()
             run.end_task(t)
             t2 = time.time()
-            acc[t][: t + 1] = run.evaluate(t, seen)
+            acc[t][: t + 1] = run.evaluate(test_masks)
             seen_rows = [row[: t + 1] for row in acc[: t + 1]]
             summary = {
                 'task': t,

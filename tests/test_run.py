@@ -9,6 +9,8 @@ import pytest
 
 from experiments import train
 from experiments.configs import class_il
+from experiments.configs import data_il
+from experiments.configs import task_il
 
 
 def _tiny_config(npz_dir, method='dlcft'):
@@ -132,3 +134,42 @@ def test_command_line_reports_missing_data(tmp_path, repo_root):
     assert out.returncode == 2, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith('error:') and 'nowhere' in last
+
+
+def test_task_il_scores_each_task_with_its_own_head(tmp_path, npz_dir):
+    config = _tiny_config(npz_dir)
+    config.setting = 'task_il'
+    config.replay.buffer_size = 0
+    results = train.train_and_evaluate(config, str(tmp_path / 'task'))
+    assert results['method_config']['regularize_head'] is False
+    r = results['accuracy_matrix']
+    # Two classes per head: every entry is a 2-way accuracy.
+    assert all(0.0 <= r[i][j] <= 100.0 for i in range(2) for j in range(i + 1))
+    m_train, m_test = train.class_masks(config, 1, 4)
+    np.testing.assert_array_equal(m_train, [0, 0, 1, 1])
+    np.testing.assert_array_equal(m_test[0], [1, 1, 0, 0])
+
+
+def test_data_il_splits_the_data_and_tests_on_everything(tmp_path, npz_dir):
+    config = _tiny_config(npz_dir)
+    config.setting = 'data_il'
+    config.replay.buffer_size = 0
+    tasks, num_classes = train._load_data(config)  # pylint: disable=protected-access
+    assert num_classes == 4 and len(tasks) == 2
+    assert len(tasks[0]['y_train']) == len(tasks[1]['y_train']) == 40
+    assert not set(map(bytes, tasks[0]['x_train'])) & set(
+        map(bytes, tasks[1]['x_train'])
+    )
+    assert len(tasks[0]['y_test']) == 40  # the full test set, every task
+    results = train.train_and_evaluate(config, str(tmp_path / 'data'))
+    r = results['accuracy_matrix']
+    assert r[1][0] == r[1][1]  # the same full test set
+    np.testing.assert_allclose(results['average_accuracy'], r[1][1])
+
+
+@pytest.mark.parametrize('module', [task_il, data_il])
+def test_setting_configs_take_the_seq_cifar10_parameter(module):
+    config = module.get_config('seq_cifar10')
+    assert config.setting == module.__name__.rsplit('.', 1)[-1]
+    with pytest.raises(ValueError, match='seq_cifar10'):
+        module.get_config('seq_cifar1000')
