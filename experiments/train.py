@@ -2,14 +2,16 @@
 
 Order of a run (each task t = 0 .. T−1):
   1. `begin_task`: fresh optimizer moments, N_t-step linear schedule, and the
-     class mask of the classes seen so far (class-IL: the head "grows").
+     setting's class mask (`class_masks`): class-IL, the classes seen so far
+     (the head "grows"); task-IL, the task's own head; data-IL, all classes.
   2. N_t steps on the task's data, each batch augmented on the host and
-     joined by a replay batch drawn from the buffer (class-IL; while the
-     buffer is empty, by more examples of the task, so shapes stay static).
+     joined by a replay batch drawn from the buffer when replay is on (while
+     the buffer is empty, by more examples of the task, so shapes stay
+     static).
   3. DLCFT: curvature of the task (K-FAC of the linearized backbone and the
      exact head factor) from augmented batches of the task, then `end_task`
      folds it into the running average and moves the anchor to θ_t.
-  4. The task's training examples enter the reservoir buffer.
+  4. The task's training examples enter the reservoir buffer (if any).
   5. Evaluation on the test data of every task seen so far; the accuracy
      matrix, average accuracy, forgetting and backward transfer are printed.
 At the end `results.json` is written to the work directory.
