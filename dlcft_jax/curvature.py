@@ -275,6 +275,11 @@ def kernel_matrix(
     return kernel
 
 
+def _with_ones(a: jax.Array) -> jax.Array:
+    """Appends a 1 to the last axis: the input that multiplies a bias."""
+    return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], -1)
+
+
 def _per_example_trace(a: jax.Array, g: jax.Array) -> jax.Array:
     """mean_n ‖Σ_t g_{n,t} a_{n,t}ᵀ‖², by the cheaper of two exact forms."""
     b, t, p = a.shape
@@ -319,9 +324,7 @@ def layer_factors(
         c = gm.shape[-1]
         a = a.reshape(b, t, c, -1)
         if has_bias:
-            a = jnp.concatenate(
-                [a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1
-            )
+            a = _with_ones(a)
         A = jnp.einsum('btck,btcl->ckl', a, a) / (b * t)
         S = jnp.einsum('btc,btc->c', gm, gm) / b
         out = {'A': A, 'S': S}
@@ -331,9 +334,7 @@ def layer_factors(
             )
         return out
     if has_bias:
-        a = jnp.concatenate(
-            [a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1
-        )
+        a = _with_ones(a)
     A = jnp.einsum('btp,btq->pq', a, a) / (b * t)
     S = jnp.einsum('bto,btp->op', gm, gm) / b
     out = {'A': A, 'S': S}
@@ -352,7 +353,7 @@ def head_factor(z: jax.Array, weights: Optional[jax.Array] = None) -> jax.Array:
     Returns:
       (D+1, D+1) second moment of the augmented features.
     """
-    zb = jnp.concatenate([z, jnp.ones((z.shape[0], 1), z.dtype)], axis=-1)
+    zb = _with_ones(z)
     if weights is None:
         return zb.T @ zb / z.shape[0]
     return (zb * weights[:, None]).T @ zb / jnp.maximum(jnp.sum(weights), 1.0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +77,19 @@ def shared_dir(repo_root: Path) -> Path:
             "repository on the project's machines)"
         )
     return path
+
+
+@pytest.fixture(name='npz_dir')
+def fixture_npz_dir(tmp_path, repo_root):
+    """A 4-class slice (20 train / 10 test images per class) of the
+    committed CIFAR-10 subset, as train.npz / test.npz in a tmp folder."""
+    out = tmp_path / 'data'
+    out.mkdir()
+    for split, n in (('train', 20), ('test', 10)):
+        with np.load(
+            repo_root / 'experiments' / 'data' / 'cifar10_5x2' / f'{split}.npz'
+        ) as d:
+            x, y = d['image'], d['label']
+        keep = np.concatenate([np.flatnonzero(y == c)[:n] for c in range(4)])
+        np.savez(out / f'{split}.npz', image=x[keep], label=y[keep])
+    return out

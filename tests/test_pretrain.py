@@ -105,23 +105,14 @@ def test_load_backbone_applies_and_linearizes(full_run):
     np.testing.assert_allclose(f_lin(variables, x), out, rtol=1e-5, atol=1e-5)
 
 
-def test_pretrained_backbone_drives_a_dlcft_run(full_run, tmp_path, repo_root):
+def test_pretrained_backbone_drives_a_dlcft_run(full_run, tmp_path, npz_dir):
     """The pre-training export loads as the backbone of a continual run."""
     from experiments import train  # pylint: disable=g-import-not-at-top
     from experiments.configs import class_il  # pylint: disable=g-import-not-at-top
 
     workdir, _ = full_run
-    data = tmp_path / 'data'
-    data.mkdir()
-    for split, n in (('train', 16), ('test', 8)):
-        with np.load(
-            repo_root / 'experiments' / 'data' / 'cifar10_5x2' / f'{split}.npz'
-        ) as d:
-            x, y = d['image'], d['label']
-        keep = np.concatenate([np.flatnonzero(y == c)[:n] for c in range(4)])
-        np.savez(data / f'{split}.npz', image=x[keep], label=y[keep])
     config = class_il.get_config()
-    config.data.npz_dir = str(data)
+    config.data.npz_dir = str(npz_dir)
     config.data.num_tasks = 2
     config.backbone.name = 'cifar_resnet18'
     config.backbone.checkpoint = str(workdir / 'backbone.npz')

@@ -33,21 +33,6 @@ def _tiny_config(npz_dir, method='dlcft'):
     return config
 
 
-@pytest.fixture(name='npz_dir')
-def fixture_npz_dir(tmp_path, repo_root):
-    """A 4-class slice of the committed CIFAR-10 subset."""
-    out = tmp_path / 'data'
-    out.mkdir()
-    for split, n in (('train', 20), ('test', 10)):
-        with np.load(
-            repo_root / 'experiments' / 'data' / 'cifar10_5x2' / f'{split}.npz'
-        ) as d:
-            x, y = d['image'], d['label']
-        keep = np.concatenate([np.flatnonzero(y == c)[:n] for c in range(4)])
-        np.savez(out / f'{split}.npz', image=x[keep], label=y[keep])
-    return out
-
-
 @pytest.mark.parametrize(
     'method,curvature',
     [('dlcft', 'kfac'), ('dlcft', 'tkfac'), ('finetune', '')],
