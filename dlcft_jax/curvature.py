@@ -364,20 +364,30 @@ def pseudo_residual(
     rng: jax.Array,
     loss: str,
     class_mask: Optional[jax.Array],
+    offset: jax.Array | int = 0,
 ) -> jax.Array:
     """∂ℓ/∂f for pseudo-targets drawn from the model's predictive distribution.
 
     MSE: ỹ ~ N(f, I), so f − ỹ = −ε with ε ~ N(0, I) (the sign does not matter
     for second moments). Cross-entropy: ỹ ~ softmax(f), so ∂ℓ/∂f = p − onehot(ỹ).
     Inactive outputs (class_mask 0) are not part of the loss and get 0.
+
+    Row i draws from `fold_in(rng, offset + i)`, so with `offset` the global
+    index of the first row a batch split over devices draws the same targets
+    as the whole batch on one device.
     """
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(
+        offset + jnp.arange(logits.shape[0])
+    )
     if loss == 'mse':
-        r = jax.random.normal(rng, logits.shape, logits.dtype)
+        r = jax.vmap(
+            lambda k: jax.random.normal(k, logits.shape[1:], logits.dtype)
+        )(keys)
     else:
         from dlcft_jax.losses import masked_logits  # pylint: disable=g-import-not-at-top
 
         ml = masked_logits(logits, class_mask)
-        y = jax.random.categorical(rng, ml, axis=-1)
+        y = jax.vmap(jax.random.categorical)(keys, ml)
         r = jax.nn.softmax(ml, axis=-1) - jax.nn.one_hot(
             y, logits.shape[-1], dtype=logits.dtype
         )
@@ -446,7 +456,13 @@ def batch_curvature(
     if linearized:
         z = lin.tangent_apply(apply_fn, params0, delta, x)
         logits = head_out(z)
-    r = pseudo_residual(logits, rng, loss, class_mask)
+    # The global index of the first row: device-count-invariant targets.
+    offset = (
+        0
+        if axis_name is None
+        else jax.lax.axis_index(axis_name) * logits.shape[0]
+    )
+    r = pseudo_residual(logits, rng, loss, class_mask, offset)
     (grads,) = vjp_fn(r)
     stats = {
         'layers': {

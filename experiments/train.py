@@ -14,16 +14,36 @@ Order of a run (each task t = 0 .. T−1):
   4. The task's training examples enter the reservoir buffer (if any).
   5. Evaluation on the test data of every task seen so far; the accuracy
      matrix, average accuracy, forgetting and backward transfer are printed.
-At the end `results.json` is written to the work directory.
+At the end `results.json`, `summary.txt` and `results.png` are written to the
+work directory; `log.jsonl` and TensorBoard events are written as it goes.
+
+Scale. Every step, update and evaluation is `jax.pmap`ped over the local
+devices; the global batch (train.batch_size + replay.batch_size) is split
+over all devices of all hosts, and each host draws the same global batch
+indices but loads and augments only its own rows. With
+`config.distributed.initialize` the hosts join through
+`jax.distributed.initialize()` first.
+
+Determinism and resume. Every random draw is a pure function of (seed, task,
+step): which examples form a batch, their augmentation, the replay draw, the
+curvature batches and pseudo-targets, and the reservoir decisions. A
+checkpoint (orbax, `WORKDIR/checkpoints`) therefore needs only the train
+state, the replay buffer and the position; it is written every
+`checkpoint.every_steps` steps and after each task. Running the same command
+again resumes from the latest one, and the final results equal those of an
+uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,22 +52,45 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 import dlcft_jax as dj
-from dlcft_jax import data as data_lib
 from dlcft_jax import losses
 from dlcft_jax import metrics as metrics_lib
+from dlcft_jax import parallel
+from dlcft_jax.data import ReplayBuffer
+from experiments import datasets
+from experiments import reporting
 
-DEFAULT_NPZ_DIR = Path(__file__).resolve().parent / 'data' / 'cifar10_5x2'
 SETTINGS = ('class_il', 'task_il', 'data_il')
 RESNETS = ('cifar_resnet18', 'resnet18', 'resnet50')
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 METHODS = ('dlcft', 'finetune')
+AXIS = parallel.AXIS
+
+# Streams of the counter-based host RNG: default_rng([seed, STREAM, t, k]).
+_ORDER, _AUGMENT, _REPLAY, _FILL, _CURVATURE, _RESERVOIR = range(6)
+
+# Config fields that may change between a run and its resumption.
+_RESUMABLE_FIELDS = (
+    'checkpoint',
+    'compilation_cache_dir',
+    'distributed',
+    'train.log_every',
+    'data.npz_dir',
+    'data.tfds_data_dir',
+    'data.mit67_dir',
+    'data.cache_dir',
+    'backbone.checkpoint',
+    'eval.batch_size',
+)
 
 
 class ConfigError(ValueError):
     """A configuration the run cannot use; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------
+# Configuration.
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
@@ -57,8 +100,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
 
     need(
         config.setting in SETTINGS,
-        f'config.setting={config.setting!r} is not available in this release; '
-        f'use one of {SETTINGS}.',
+        f'config.setting={config.setting!r} is unknown; use one of '
+        f'{SETTINGS}.',
     )
     need(
         config.method in METHODS,
@@ -96,6 +139,55 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         config.backbone.image_size >= 8,
         'config.backbone.image_size must be at least 8 pixels.',
     )
+    need(
+        config.checkpoint.every_steps >= 0
+        and config.checkpoint.max_to_keep >= 1,
+        'config.checkpoint.every_steps must be >= 0 and max_to_keep >= 1.',
+    )
+    need(
+        config.setting != 'task_il' or _replay_batch(config) == 0,
+        'Replay is not available for task-IL (its heads are per task); set '
+        'config.replay.buffer_size=0.',
+    )
+    groups = config.data.class_groups
+    if groups is not None:
+        sizes = {len(g) for g in groups}
+        need(
+            len(groups) == config.data.num_tasks and len(sizes) == 1,
+            f'config.data.class_groups has {len(groups)} groups of sizes '
+            f'{sorted(sizes)}; give config.data.num_tasks='
+            f'{config.data.num_tasks} groups of equal size.',
+        )
+        flat = [c for g in groups for c in g]
+        need(
+            len(set(flat)) == len(flat),
+            'config.data.class_groups repeats a class; each class may appear '
+            'once.',
+        )
+
+
+def _check_devices(config: ml_collections.ConfigDict) -> None:
+    """The global batches must split evenly over all devices."""
+    n = jax.device_count()
+    per_step = config.train.batch_size + _replay_batch(config)
+    if per_step % n:
+        raise ConfigError(
+            f'The global batch train.batch_size + replay.batch_size = '
+            f'{per_step} does not divide by the {n} devices; choose sizes '
+            f'whose sum is a multiple of {n}.'
+        )
+    if config.curvature.batch_size % n:
+        raise ConfigError(
+            f'config.curvature.batch_size={config.curvature.batch_size} does '
+            f'not divide by the {n} devices; use a multiple of {n}.'
+        )
+
+
+def _replay_batch(config) -> int:
+    """Replayed examples per step (0 when replay is off)."""
+    if config.replay.buffer_size == 0 or config.replay.batch_size == 0:
+        return 0
+    return config.replay.batch_size
 
 
 def method_config(config: ml_collections.ConfigDict) -> dj.MethodConfig:
@@ -122,10 +214,39 @@ def method_config(config: ml_collections.ConfigDict) -> dj.MethodConfig:
     return dj.MethodConfig.finetune(**overrides)
 
 
+def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config fields that decide the results (for resume checks)."""
+    flat = {}
+
+    def walk(prefix, node):
+        for key, value in node.items():
+            name = f'{prefix}{key}'
+            if isinstance(value, dict):
+                walk(name + '.', value)
+            elif not any(
+                name == f or name.startswith(f + '.') for f in _RESUMABLE_FIELDS
+            ):
+                flat[name] = value
+
+    walk('', json.loads(config.to_json_best_effort()))
+    return flat
+
+
+# ----------------------------------------------------------------------------
+# Backbone.
+
+
 def build_backbone(
     config: ml_collections.ConfigDict,
+    mean: tuple[float, float, float] = datasets.IMAGENET_MEAN,
+    std: tuple[float, float, float] = datasets.IMAGENET_STD,
 ) -> tuple[Callable[..., jax.Array], Any]:
-    """(apply_fn on uint8 images, pre-trained variables) of the backbone."""
+    """(apply_fn on uint8 images, pre-trained variables) of the backbone.
+
+    EfficientNet-Lite0 uses its own input scaling; the ResNets normalise with
+    `mean` / `std` (in [0, 1] units), the data set's statistics of the paper
+    (ImageNet's for CIFAR, spec §2.2; MIT-67's own).
+    """
     from dlcft_jax import models  # pylint: disable=g-import-not-at-top
 
     b = config.backbone
@@ -146,11 +267,9 @@ def build_backbone(
         preprocess = lambda x: jnp.asarray(x, jnp.float32) / 127.5 - 1.0
     elif b.name in RESNETS:
         net, variables = _load_resnet(b)
-        # The paper normalises CIFAR inputs with ImageNet's statistics for
-        # the continual runs, whatever the pre-training used (spec §2.2).
-        mean = jnp.asarray(IMAGENET_MEAN) * 255.0
-        std = jnp.asarray(IMAGENET_STD) * 255.0
-        preprocess = lambda x: (x - mean) / std
+        m = jnp.asarray(mean, jnp.float32) * 255.0
+        s = jnp.asarray(std, jnp.float32) * 255.0
+        preprocess = lambda x: (x - m) / s
     else:
         raise ConfigError(
             f'config.backbone.name={b.name!r} is unknown; use one of '
@@ -217,10 +336,41 @@ def _setup_compilation_cache(config: ml_collections.ConfigDict) -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
+def _init_distributed(config: ml_collections.ConfigDict) -> None:
+    """`jax.distributed.initialize()` with the config's (optional) fields."""
+    d = config.distributed
+    if not d.initialize:
+        return
+    kwargs = {
+        k: d[k]
+        for k in ('coordinator_address', 'num_processes', 'process_id')
+        if d[k] is not None
+    }
+    try:
+        jax.distributed.initialize(**kwargs)
+    except RuntimeError as e:
+        if 'already' not in str(e).lower():  # initialized by the caller
+            raise
+
+
+# ----------------------------------------------------------------------------
+# Tasks.
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One task: indices into the data set's arrays, labels as head rows."""
+
+    classes: list[int]
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    train_rows: np.ndarray  # head row of each training example
+    test_rows: np.ndarray
+
+
 def _check_task_size(config, n_train: int, n_test: int, what: str) -> None:
     for name, size in (
         ('train.batch_size', config.train.batch_size),
-        ('replay.batch_size', config.replay.batch_size),
         ('curvature.batch_size', config.curvature.batch_size),
     ):
         if n_train < size:
@@ -232,263 +382,539 @@ def _check_task_size(config, n_train: int, n_test: int, what: str) -> None:
         raise ConfigError(f'{what} has no test images in the data.')
 
 
-def _load_data(config):
+def make_tasks(
+    config: ml_collections.ConfigDict, data: datasets.Dataset
+) -> tuple[list[Task], int]:
     """The tasks of the run and the width of the head.
 
-    class_il / task_il: tasks are groups of `classes_per_task` classes, whose
-    labels become head rows 0..C−1 in task order. data_il: the training set
-    is split into `num_tasks` equal random chunks (seeded), every task keeps
-    all classes and is tested on the full test set.
+    class_il / task_il: tasks are groups of classes (natural order, a seeded
+    permutation, or `data.class_groups`) whose labels become head rows
+    0..C−1 in task order. data_il: the training set split into `num_tasks`
+    equal random chunks (seed `config.seed`); every task keeps all classes
+    and is tested on the full test set.
     """
-    npz_dir = config.data.npz_dir or str(DEFAULT_NPZ_DIR)
-    x_train, y_train = data_lib.load_npz(npz_dir, 'train')
-    x_test, y_test = data_lib.load_npz(npz_dir, 'test')
+    y_train, y_test = data.y_train, data.y_test
     if config.setting == 'data_il':
-        num_classes = int(max(y_train.max(), y_test.max())) + 1
-        order = np.random.default_rng(config.seed).permutation(len(y_train))
-        size = len(order) // config.data.num_tasks
-        out = []
-        for t in range(config.data.num_tasks):
-            idx = np.sort(order[t * size : (t + 1) * size])
+        chunks = datasets.data_il_chunks(
+            len(y_train), config.data.num_tasks, config.seed
+        )
+        test_idx = np.arange(len(y_test))
+        tasks = []
+        for t, idx in enumerate(chunks):
             _check_task_size(config, len(idx), len(y_test), f'Task {t + 1}')
-            out.append(
-                {
-                    'classes': list(range(num_classes)),
-                    'x_train': x_train[idx],
-                    'y_train': y_train[idx].astype(np.int32),
-                    'x_test': x_test,
-                    'y_test': y_test.astype(np.int32),
-                }
+            tasks.append(
+                Task(
+                    list(range(data.num_classes)),
+                    idx,
+                    test_idx,
+                    y_train[idx].astype(np.int32),
+                    y_test.astype(np.int32),
+                )
             )
-        return out, num_classes
-    num_classes = config.data.num_tasks * config.data.classes_per_task
-    order = None
-    if config.data.class_order_seed is not None:
-        order = (
-            np.random.default_rng(config.data.class_order_seed)
-            .permutation(int(max(y_train.max(), y_test.max())) + 1)[
-                :num_classes
-            ]
-            .tolist()
+        return tasks, data.num_classes
+    cpt, num_tasks = config.data.classes_per_task, config.data.num_tasks
+    if config.data.class_groups is not None:
+        groups = [list(map(int, g)) for g in config.data.class_groups]
+    else:
+        order = np.arange(data.num_classes)
+        if config.data.class_order_seed is not None:
+            order = np.random.default_rng(
+                config.data.class_order_seed
+            ).permutation(data.num_classes)
+        if num_tasks * cpt > data.num_classes:
+            raise ConfigError(
+                f'{num_tasks} tasks x {cpt} classes need '
+                f'{num_tasks * cpt} classes but {data.name} has '
+                f'{data.num_classes}; lower config.data.num_tasks or '
+                'config.data.classes_per_task.'
+            )
+        groups = [
+            order[i * cpt : (i + 1) * cpt].tolist() for i in range(num_tasks)
+        ]
+    flat = [c for g in groups for c in g]
+    bad = [c for c in flat if not 0 <= c < data.num_classes]
+    if bad:
+        raise ConfigError(
+            f'config.data.class_groups names classes {bad} outside 0..'
+            f'{data.num_classes - 1} of {data.name}.'
         )
-    tasks = data_lib.class_incremental_split(
-        y_train, config.data.classes_per_task, config.data.num_tasks, order
-    )
-    # Map the run's classes to head rows 0..C−1 in task order.
-    row = {int(c): i for i, c in enumerate(np.concatenate(tasks))}
-    remap = np.vectorize(row.__getitem__, otypes=[np.int32])
-    out = []
-    for classes in tasks:
-        tr = data_lib.task_indices(y_train, classes)
-        te = data_lib.task_indices(y_test, classes)
-        _check_task_size(
-            config,
-            len(tr),
-            len(te),
-            f'Task with classes {list(map(int, classes))}',
+    row = np.full((data.num_classes,), -1, np.int32)
+    row[flat] = np.arange(len(flat), dtype=np.int32)
+    tasks = []
+    for classes in groups:
+        tr = np.flatnonzero(np.isin(y_train, classes))
+        te = np.flatnonzero(np.isin(y_test, classes))
+        _check_task_size(config, len(tr), len(te), f'Task with classes {classes}')
+        tasks.append(
+            Task(classes, tr, te, row[y_train[tr]], row[y_test[te]])
         )
-        out.append(
-            {
-                'classes': [int(c) for c in classes],
-                'x_train': x_train[tr],
-                'y_train': remap(y_train[tr]),
-                'x_test': x_test[te],
-                'y_test': remap(y_test[te]),
-            }
-        )
-    return out, num_classes
+    return tasks, len(flat)
 
 
-def _task_rows(config, t: int, num_classes: int) -> np.ndarray:
-    mask = np.zeros((num_classes,), np.float32)
-    cpt = config.data.classes_per_task
-    mask[t * cpt : (t + 1) * cpt] = 1.0
-    return mask
-
-
-def class_masks(config, t: int, num_classes: int):
+def class_masks(config, t: int, num_classes: int, cpt: int | None = None):
     """(training mask of task t, test masks of tasks 0..t) for the setting.
 
     class_il: the classes seen so far, for training and for every test (no
     task id at test). task_il: the rows of the task's own head, for training
     and for that task's test (the task id picks the head). data_il: all.
     """
+    if cpt is None:
+        cpt = config.data.classes_per_task
+        if config.data.class_groups is not None:
+            cpt = len(config.data.class_groups[0])
     if config.setting == 'data_il':
         ones = np.ones((num_classes,), np.float32)
         return ones, [ones] * (t + 1)
+
+    def rows(lo, hi):
+        mask = np.zeros((num_classes,), np.float32)
+        mask[lo * cpt : hi * cpt] = 1.0
+        return mask
+
     if config.setting == 'task_il':
-        return _task_rows(config, t, num_classes), [
-            _task_rows(config, j, num_classes) for j in range(t + 1)
-        ]
-    seen = np.zeros((num_classes,), np.float32)
-    seen[: (t + 1) * config.data.classes_per_task] = 1.0
-    return seen, [seen] * (t + 1)
+        return rows(t, t + 1), [rows(j, j + 1) for j in range(t + 1)]
+    return rows(0, t + 1), [rows(0, t + 1)] * (t + 1)
 
 
-def _augment(images, rng, enabled):
-    return data_lib.augment_crop_flip(images, rng) if enabled else images
+def _rng(config, stream: int, *counters: int) -> np.random.Generator:
+    return np.random.default_rng([config.seed, stream, *counters])
 
 
-def _evaluate(predict_fn, state, x, y, batch_size, class_mask):
-    correct, total = 0.0, 0.0
-    for b in data_lib.eval_batches(x, y, batch_size):
-        logits = predict_fn(state, jnp.asarray(b['image']))
-        pred = np.asarray(
-            jnp.argmax(losses.masked_logits(logits, class_mask), -1)
-        )
-        correct += float(np.sum((pred == b['label']) * b['mask']))
-        total += float(np.sum(b['mask']))
-    return 100.0 * correct / total
+def epoch_indices(
+    config, t: int, n: int, start: int, count: int, stream: int = _ORDER
+) -> np.ndarray:
+    """Positions start..start+count of task t's endless shuffled order.
+
+    Epoch e of the order is a permutation drawn from (seed, stream, t, e),
+    so any step's batch is known without replaying the steps before it.
+    """
+    pos = np.arange(start, start + count)
+    out = np.empty((count,), np.int64)
+    for e in np.unique(pos // n):
+        sel = pos // n == e
+        perm = _rng(config, stream, t, int(e)).permutation(n)
+        out[sel] = perm[pos[sel] % n]
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The run.
 
 
 class _Run:
-    """The jitted functions and host-side state shared by the task loop."""
+    """The pmapped functions and the host-side state of the task loop."""
 
-    def __init__(self, config, tasks, num_classes, state, log_file):
+    def __init__(self, config, data, tasks, num_classes, state, workdir):
         self.config = config
+        self.data = data
         self.tasks = tasks
         self.num_classes = num_classes
-        self.state = state
-        self.log_file = log_file
-        self.rng = np.random.default_rng(config.seed)
-        self.key = jax.random.key(config.seed)
-        use_replay = (
-            config.replay.buffer_size > 0 and config.replay.batch_size > 0
-        )
-        self.replay_bs = config.replay.batch_size if use_replay else 0
+        self.workdir = workdir
+        self.n_local = jax.local_device_count()
+        self.n_global = jax.device_count()
+        self.process = jax.process_index()
+        self.is_chief = self.process == 0
+        self.replay_bs = _replay_batch(config)
         self.buffer = (
-            data_lib.ReplayBuffer(config.replay.buffer_size)
-            if use_replay
-            else None
+            ReplayBuffer(config.replay.buffer_size) if self.replay_bs else None
         )
-        # The loop never reuses an old state: let XLA update it in place.
-        self.step_fn = jax.jit(dj.train_state.step, donate_argnums=0)
-        self.predict_fn = jax.jit(dj.predict)
-        self.curv_fn = jax.jit(dj.train_state.curvature_step)
+        self.state = parallel.replicate(state, self.n_local)
+        self.step_fn = parallel.pmap_step(donate=True)
+        self.curv_fn = jax.pmap(
+            functools.partial(dj.train_state.curvature_step, axis_name=AXIS),
+            axis_name=AXIS,
+            in_axes=(0, 0, None),
+        )
+        self.end_fn = jax.pmap(dj.end_task, donate_argnums=0)
+        self.add_fn = jax.pmap(
+            lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0
+        )
+        self.mean_fn = jax.pmap(
+            lambda a, n: jax.tree.map(lambda x: x / n, a),
+            in_axes=(0, None),
+            static_broadcasted_argnums=1,
+        )
+        self.predict_fn = jax.pmap(dj.predict, in_axes=(0, 0))
+        self.acc: list[list[float | None]] = [
+            [None] * len(tasks) for _ in tasks
+        ]
+        self.per_task: list[dict[str, Any]] = []
+        self.log_file = None
+        self.events = None
+        if self.is_chief:
+            self.log_file = open(workdir / 'log.jsonl', 'a', encoding='utf-8')
+            self.events = reporting.EventWriter(workdir / 'tensorboard')
+
+    # -- host-side helpers --------------------------------------------------
 
     def log(self, record: dict[str, Any]) -> None:
-        self.log_file.write(json.dumps(record) + '\n')
-        self.log_file.flush()
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(record) + '\n')
+            self.log_file.flush()
 
-    def train_task(self, t: int, n_steps: int) -> None:
-        """N_t steps on task t, each batch joined by a replay batch."""
-        cfg, task = self.config, self.tasks[t]
-        it = data_lib.batches(
-            task['x_train'], task['y_train'], cfg.train.batch_size, self.rng
+    def close(self) -> None:
+        if self.log_file is not None:
+            self.log_file.close()
+        if self.events is not None:
+            self.events.close()
+
+    def n_steps(self, t: int) -> int:
+        mult = self.config.train.first_task_multiplier if t == 0 else 1
+        return self.config.train.steps_per_task * mult
+
+    def global_step(self, t: int, k: int) -> int:
+        """Steps of all tasks before t, plus k: the checkpoint and log step."""
+        return sum(self.n_steps(j) for j in range(t)) + k
+
+    def _host_rows(self, total: int) -> slice:
+        per_host = total // jax.process_count()
+        return slice(self.process * per_host, (self.process + 1) * per_host)
+
+    def _augment(self, images, rng):
+        if not self.config.data.augment:
+            return datasets.test_transform(self.data.augmentation, images)
+        return datasets.train_transform(self.data.augmentation, images, rng)
+
+    def _to_devices(self, batch: dict[str, np.ndarray]) -> Any:
+        return parallel.shard_batch(
+            {k: np.asarray(v) for k, v in batch.items()}, self.n_local
         )
-        # While the buffer is empty, more current-task examples take the
-        # replay rows, so the step sees one batch shape (one compilation).
-        extra = data_lib.batches(
-            task['x_train'], task['y_train'], max(self.replay_bs, 1), self.rng
+
+    def train_batch(self, t: int, k: int) -> dict[str, np.ndarray]:
+        """This host's rows of step k's global batch (current + replay)."""
+        cfg, task = self.config, self.tasks[t]
+        b, r = cfg.train.batch_size, self.replay_bs
+        n = len(task.train_idx)
+        rows = self._host_rows(b + r)
+        # Rows [0, b) come from the task, rows [b, b + r) are replayed.
+        pos = epoch_indices(cfg, t, n, k * b, b)[rows.start : rows.stop]
+        images = [self.data.x_train[task.train_idx[pos]]]
+        labels = [task.train_rows[pos]]
+        lo, hi = max(rows.start - b, 0), max(rows.stop - b, 0)
+        if hi > lo:
+            if len(self.buffer):
+                rep = self.buffer.sample(r, _rng(cfg, _REPLAY, t, k))
+                images.append(rep['image'][lo:hi])
+                labels.append(rep['label'][lo:hi])
+            else:  # no memory yet: more task examples keep the shape static
+                fill = _rng(cfg, _FILL, t, k).integers(0, n, size=r)[lo:hi]
+                images.append(self.data.x_train[task.train_idx[fill]])
+                labels.append(task.train_rows[fill])
+        images = self._augment(
+            np.concatenate(images), _rng(cfg, _AUGMENT, t, k, rows.start)
+        )
+        return {
+            'image': images,
+            'label': np.concatenate(labels).astype(np.int32),
+        }
+
+    # -- the phases of a task ------------------------------------------------
+
+    def begin_task(self, t: int) -> None:
+        train_mask, _ = class_masks(self.config, t, self.num_classes)
+        state = parallel.unreplicate(self.state)
+        state = dj.begin_task(
+            state, num_steps=self.n_steps(t), class_mask=train_mask
+        )
+        self.state = parallel.replicate(state, self.n_local)
+
+    def train_steps(self, t: int, first: int, last: int, on_step) -> None:
+        """Steps first..last−1 of task t; `on_step(k)` after each one."""
+        cfg = self.config
+        n = self.n_steps(t)
+        progress = (
+            reporting.Progress(
+                n, t, len(self.tasks), every=cfg.train.log_every
+            )
+            if self.is_chief
+            else None
         )
         window_start, window_images = time.time(), 0
-        for k in range(n_steps):
-            b = next(it)
-            images, labels = b['image'], b['label']
-            if self.replay_bs:
-                r = (
-                    self.buffer.sample(self.replay_bs, self.rng)
-                    if len(self.buffer)
-                    else next(extra)
-                )
-                images = np.concatenate([images, r['image']])
-                labels = np.concatenate([labels, r['label'].astype(np.int32)])
-            images = _augment(images, self.rng, cfg.data.augment)
-            self.state, m = self.step_fn(
-                self.state,
-                {'image': jnp.asarray(images), 'label': jnp.asarray(labels)},
-            )
-            window_images += len(labels)
-            if (k + 1) % cfg.train.log_every and k + 1 != n_steps:
-                continue
-            # Metrics reach the host only at log steps.
-            m = {name: float(v) for name, v in jax.device_get(m).items()}
-            if not all(math.isfinite(v) for v in m.values()):
-                raise FloatingPointError(
-                    f'Non-finite metrics at task {t + 1} step {k + 1}: {m}. '
-                    'Lower config.optim.learning_rate or check the data.'
-                )
-            rate = window_images / max(time.time() - window_start, 1e-9)
-            window_start, window_images = time.time(), 0
-            print(
-                f'task {t + 1}/{len(self.tasks)} step {k + 1:4d}/{n_steps} '
-                f"loss {m['loss']:9.4f} data {m['data_loss']:9.4f} "
-                f"penalty {m['penalty']:9.4f} "
-                f"acc {100 * m['accuracy']:5.1f}% {rate:7.1f} img/s",
-                flush=True,
-            )
-            self.log({'task': t, 'step': k + 1, **m, 'images_per_s': rate})
+        for k in range(first, last):
+            batch = self._to_devices(self.train_batch(t, k))
+            self.state, m = self.step_fn(self.state, batch)
+            window_images += cfg.train.batch_size + self.replay_bs
+            done = k + 1
+            if done % cfg.train.log_every == 0 or done == n:
+                # Metrics reach the host only at log steps.
+                m = {
+                    name: float(v)
+                    for name, v in jax.device_get(
+                        parallel.unreplicate(m)
+                    ).items()
+                }
+                if not all(math.isfinite(v) for v in m.values()):
+                    raise FloatingPointError(
+                        f'Non-finite metrics at task {t + 1} step {done}: '
+                        f'{m}. Lower config.optim.learning_rate or check '
+                        'the data.'
+                    )
+                rate = window_images / max(time.time() - window_start, 1e-9)
+                window_start, window_images = time.time(), 0
+                m['images_per_s'] = rate
+                if progress is not None:
+                    progress.update(done, m)
+                g = self.global_step(t, done)
+                self.log({'task': t, 'step': done, 'global_step': g, **m})
+                if self.events is not None:
+                    self.events.scalars(
+                        {f'train/{name}': v for name, v in m.items()}, g
+                    )
+            on_step(done)
+        if progress is not None:
+            progress.close()
 
     def end_task(self, t: int) -> None:
         """Curvature of task t (DLCFT), anchor update, buffer update."""
         cfg, task = self.config, self.tasks[t]
-        if self.state.config.regularizer == 'none':
-            self.state = dj.end_task(self.state, None)
+        if cfg.method == 'finetune':
+            self.state = self.end_fn(self.state, None)
         else:
-            self.key, sub = jax.random.split(self.key)
-            it = data_lib.batches(
-                task['x_train'],
-                task['y_train'],
-                cfg.curvature.batch_size,
-                self.rng,
+            bs, nb = cfg.curvature.batch_size, cfg.curvature.num_batches
+            pos = epoch_indices(
+                cfg, t, len(task.train_idx), 0, bs * nb, _CURVATURE
             )
+            rows = self._host_rows(bs)
 
             def batches():  # augmented, as in the paper
-                for _ in range(cfg.curvature.num_batches):
-                    b = next(it)
-                    images = _augment(b['image'], self.rng, cfg.data.augment)
-                    yield {
-                        'image': jnp.asarray(images),
-                        'label': jnp.asarray(b['label']),
-                    }
+                for i in range(nb):
+                    idx = pos[i * bs : (i + 1) * bs][rows]
+                    images = self._augment(
+                        self.data.x_train[task.train_idx[idx]],
+                        _rng(cfg, _CURVATURE, t, i, rows.start, 1),
+                    )
+                    yield self._to_devices(
+                        {'image': images, 'label': task.train_rows[idx]}
+                    )
 
-            # A running sum on the device: one copy of the factors at a time.
-            curvature = dj.estimate_curvature(
-                self.state, batches(), sub, stats_fn=self.curv_fn
-            )
-            self.state = dj.end_task(self.state, curvature)
+            # The task's curvature: the mean of the batches' statistics,
+            # summed on the devices (one copy of the factors at a time).
+            key = jax.random.fold_in(jax.random.key(cfg.seed), t)
+            total = None
+            for i, batch in enumerate(batches()):
+                stats = self.curv_fn(
+                    self.state, batch, jax.random.fold_in(key, i)
+                )
+                total = stats if total is None else self.add_fn(total, stats)
+            self.state = self.end_fn(self.state, self.mean_fn(total, nb))
         if self.buffer is not None:
-            self.buffer.add(task['x_train'], task['y_train'], t, rng=self.rng)
-
-    def evaluate(self, masks: list[np.ndarray]) -> list[float]:
-        """% accuracy on the test data of tasks 0..t, arg-max within masks."""
-        return [
-            _evaluate(
-                self.predict_fn,
-                self.state,
-                self.tasks[j]['x_test'],
-                self.tasks[j]['y_test'],
-                self.config.eval.batch_size,
-                jnp.asarray(mask),
+            images = self.data.x_train[task.train_idx]
+            logits = None
+            if cfg.replay.store_logits:
+                logits = self.logits(images)
+            self.buffer.add(
+                images,
+                task.train_rows,
+                t,
+                logits,
+                rng=_rng(cfg, _RESERVOIR, t),
             )
-            for j, mask in enumerate(masks)
-        ]
+
+    def _predict_batches(self, images: np.ndarray):
+        """Logits of `images` (test transform), batched over local devices."""
+        bs = self.config.eval.batch_size
+        bs = -(-bs // self.n_local) * self.n_local
+        for lo in range(0, len(images), bs):
+            x = datasets.test_transform(
+                self.data.augmentation, images[lo : lo + bs]
+            )
+            m = len(x)
+            if m < bs:  # pad: one static shape
+                x = np.concatenate([x, np.zeros((bs - m,) + x.shape[1:], x.dtype)])
+            out = self.predict_fn(self.state, self._to_devices({'x': x})['x'])
+            yield np.asarray(out).reshape(bs, -1)[:m]
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        return np.concatenate(list(self._predict_batches(images)))
+
+    def evaluate(self, t: int) -> list[float]:
+        """% accuracy on the test data of tasks 0..t, arg-max within masks."""
+        _, masks = class_masks(self.config, t, self.num_classes)
+        out = []
+        for j, mask in enumerate(masks):
+            task = self.tasks[j]
+            correct = 0
+            offset = 0
+            for logits in self._predict_batches(
+                self.data.x_test[task.test_idx]
+            ):
+                pred = np.asarray(
+                    jnp.argmax(losses.masked_logits(logits, mask), -1)
+                )
+                rows = task.test_rows[offset : offset + len(pred)]
+                correct += int(np.sum(pred == rows))
+                offset += len(pred)
+            out.append(100.0 * correct / len(task.test_idx))
+        return out
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints.
+
+_SAVED_FIELDS = (
+    'step',
+    'task',
+    'num_steps',
+    'params',
+    'centre',
+    'opt_state',
+    'curvature',
+    'class_mask',
+)
+
+
+def _state_tree(state) -> dict[str, Any]:
+    """The parts of a TrainState a checkpoint holds (ψ0 is rebuilt)."""
+    return {name: getattr(state, name) for name in _SAVED_FIELDS}
+
+
+def _buffer_tree(buffer: ReplayBuffer, image_shape, num_classes):
+    """The buffer as fixed-shape arrays (capacity rows) for the checkpoint."""
+    cap = buffer.capacity
+    tree = {
+        'num_seen': np.asarray(buffer.num_seen, np.int64),
+        'images': np.zeros((cap,) + tuple(image_shape), np.uint8),
+        'labels': np.zeros((cap,), np.int32),
+        'task_ids': np.zeros((cap,), np.int32),
+        'logits': np.zeros((cap, num_classes), np.float32),
+    }
+    sd = buffer.state_dict()
+    size = len(buffer)
+    for key in ('images', 'labels', 'task_ids', 'logits'):
+        if key in sd:
+            tree[key][:size] = sd[key]
+    return tree
+
+
+def _buffer_from_tree(tree, capacity: int, store_logits: bool) -> ReplayBuffer:
+    num_seen = int(tree['num_seen'])
+    size = min(capacity, num_seen)
+    sd = {'capacity': capacity, 'num_seen': num_seen}
+    if size:
+        for key in ('images', 'labels', 'task_ids'):
+            sd[key] = np.asarray(tree[key])[:size]
+        if store_logits:
+            sd['logits'] = np.asarray(tree['logits'])[:size]
+    return ReplayBuffer.from_state_dict(sd)
+
+
+class _Checkpoints:
+    """orbax CheckpointManager of (state, buffer, position) in WORKDIR."""
+
+    def __init__(self, workdir: Path, config):
+        self.config = config
+        self.manager = ocp.CheckpointManager(
+            (workdir / 'checkpoints').absolute(),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=config.checkpoint.max_to_keep,
+                enable_async_checkpointing=True,
+            ),
+        )
+
+    def save(self, run: _Run, g: int, meta: dict[str, Any]) -> None:
+        state = jax.device_get(_state_tree(parallel.unreplicate(run.state)))
+        items = {
+            'state': ocp.args.StandardSave(state),
+            'meta': ocp.args.JsonSave(meta),
+        }
+        if run.buffer is not None:
+            items['buffer'] = ocp.args.StandardSave(
+                _buffer_tree(
+                    run.buffer, run.data.x_train.shape[1:], run.num_classes
+                )
+            )
+        self.manager.save(g, args=ocp.args.Composite(**items))
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, run: _Run, g: int) -> dict[str, Any]:
+        state = parallel.unreplicate(run.state)
+        # NumPy templates: the values restore as NumPy on the host.
+        items = {
+            'state': ocp.args.StandardRestore(
+                jax.device_get(_state_tree(state))
+            ),
+            'meta': ocp.args.JsonRestore(),
+        }
+        if run.buffer is not None:
+            items['buffer'] = ocp.args.StandardRestore(
+                _buffer_tree(
+                    run.buffer, run.data.x_train.shape[1:], run.num_classes
+                )
+            )
+        out = self.manager.restore(g, args=ocp.args.Composite(**items))
+        state = state.replace(**out['state'])
+        run.state = parallel.replicate(state, run.n_local)
+        if run.buffer is not None:
+            run.buffer = _buffer_from_tree(
+                out['buffer'],
+                run.buffer.capacity,
+                self.config.replay.store_logits,
+            )
+        return out['meta']
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _check_resumable(config, meta: dict[str, Any], workdir: Path) -> None:
+    saved = meta.get('fingerprint', {})
+    now = _fingerprint(config)
+    diff = sorted(
+        k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
+    )
+    if diff:
+        shown = ', '.join(
+            f'{k} (saved {saved.get(k)!r}, now {now.get(k)!r})'
+            for k in diff[:5]
+        )
+        raise ConfigError(
+            f'{workdir} holds a checkpoint of a run with another '
+            f'configuration: {shown}. Re-run with the original values to '
+            'resume it, or choose a new --workdir.'
+        )
+
+
+# ----------------------------------------------------------------------------
+# Entry point.
 
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str
 ) -> dict[str, Any]:
-    """Runs the continual fine-tuning job of `config`; writes results.json.
+    """Runs (or resumes) the continual fine-tuning job of `config`.
 
     Args:
-      config: see `experiments/configs/class_il.py`.
-      workdir: output folder (created if missing).
+      config: see `experiments/configs/common.py`.
+      workdir: output folder (created if missing); a checkpoint there is
+        resumed.
 
     Returns:
       The results dict that was written to `workdir/results.json`.
     """
     _check_config(config)
+    _init_distributed(config)
+    _check_devices(config)
     t_start = time.time()
     _setup_compilation_cache(config)
     workdir_path = Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
 
-    tasks, num_classes = _load_data(config)
-    apply_fn, variables = build_backbone(config)
+    data = datasets.load(config.data)
+    tasks, num_classes = make_tasks(config, data)
+    apply_fn, variables = build_backbone(config, data.mean, data.std)
     mcfg = method_config(config)
-    replay_bs = config.replay.batch_size if config.replay.buffer_size else 0
+    n_local = jax.local_device_count()
+    per_device = (
+        config.train.batch_size + _replay_batch(config)
+    ) // jax.device_count()
     example = jnp.zeros(
-        (config.train.batch_size + replay_bs,) + tasks[0]['x_train'].shape[1:],
+        (per_device,)
+        + datasets.test_transform(
+            data.augmentation, data.x_train[:1]
+        ).shape[1:],
         jnp.uint8,
     )
     state = dj.create_state(
@@ -498,81 +924,177 @@ def train_and_evaluate(
         example_input=example,
         config=mcfg,
     )
-    num_tasks = len(tasks)
-    acc = [[None] * num_tasks for _ in range(num_tasks)]
-    task_log = []
+    run = _Run(config, data, tasks, num_classes, state, workdir_path)
+    ckpt = _Checkpoints(workdir_path, config)
     logging.info(
-        '%s / %s: %d tasks, %d classes, backbone %s at %d px',
+        '%s / %s on %s: %d tasks, %d classes, backbone %s at %d px, '
+        '%d devices on %d hosts',
         config.setting,
         config.method,
-        num_tasks,
+        data.name,
+        len(tasks),
         num_classes,
         config.backbone.name,
         config.backbone.image_size,
+        jax.device_count(),
+        jax.process_count(),
     )
-    with open(workdir_path / 'log.jsonl', 'w', encoding='utf-8') as log_file:
-        run = _Run(config, tasks, num_classes, state, log_file)
-        for t, task in enumerate(tasks):
-            n_steps = config.train.steps_per_task * (
-                config.train.first_task_multiplier if t == 0 else 1
-            )
-            train_mask, test_masks = class_masks(config, t, num_classes)
-            run.state = dj.begin_task(
-                run.state, num_steps=n_steps, class_mask=train_mask
-            )
-            t0 = time.time()
-            run.train_task(t, n_steps)
-            t1 = time.time()
-            run.end_task(t)
-            t2 = time.time()
-            acc[t][: t + 1] = run.evaluate(test_masks)
-            seen_rows = [row[: t + 1] for row in acc[: t + 1]]
-            summary = {
-                'task': t,
-                'classes': task['classes'],
-                'accuracy': acc[t][: t + 1],
-                'average_accuracy': metrics_lib.average_accuracy(seen_rows),
-                'forgetting': metrics_lib.forgetting(seen_rows),
-                'backward_transfer': metrics_lib.backward_transfer(seen_rows),
-                'train_s': t1 - t0,
-                'curvature_s': t2 - t1,
-            }
-            task_log.append(summary)
-            run.log({'event': 'task_end', **summary})
+    # Position: the next task to run and the steps of it already taken.
+    t0, k0, elapsed, resumed_train_s = 0, 0, 0.0, 0.0
+    latest = ckpt.latest()
+    try:
+        if latest is not None:
+            meta = ckpt.restore(run, latest)
+            _check_resumable(config, meta, workdir_path)
+            t0, k0 = meta['task'], meta['steps_done']
+            run.acc = meta['accuracy_matrix']
+            run.per_task = meta['per_task']
+            elapsed = meta['elapsed_s']
+            resumed_train_s = meta['task_timing'].get('train_s', 0.0)
             print(
-                f'after task {t + 1}: '
-                + ' '.join(f'T{j + 1} {acc[t][j]:5.1f}%' for j in range(t + 1))
-                + f" | average {summary['average_accuracy']:5.2f}%"
-                + f" | forgetting {summary['forgetting']:5.2f}"
-                + f' | train {t1 - t0:.0f}s curvature {t2 - t1:.0f}s',
+                f'resumed from {workdir_path / "checkpoints"} at task '
+                f'{t0 + 1} step {k0}',
                 flush=True,
             )
+            run.log({'event': 'resumed', 'task': t0, 'steps_done': k0})
+        fingerprint = _fingerprint(config)
+
+        def meta(t, k, task_timing=None):
+            return {
+                'task': t,
+                'steps_done': k,
+                'accuracy_matrix': run.acc,
+                'per_task': run.per_task,
+                'elapsed_s': elapsed + time.time() - t_start,
+                'task_timing': task_timing or {},
+                'fingerprint': fingerprint,
+            }
+
+        for t in range(t0, len(tasks)):
+            n = run.n_steps(t)
+            # Training seconds of this task before a resume, if any.
+            before = resumed_train_s if k0 else 0.0
+            if k0 == 0:
+                run.begin_task(t)
+            every = config.checkpoint.every_steps
+            clock = time.time()
+
+            def on_step(k, t=t, n=n, every=every, before=before, clock=clock):
+                if every and k % every == 0 and k < n:
+                    timing = {'train_s': before + time.time() - clock}
+                    ckpt.save(run, run.global_step(t, k), meta(t, k, timing))
+
+            run.train_steps(t, k0, n, on_step)
+            train_s = before + time.time() - clock
+            k0 = 0
+            clock = time.time()
+            run.end_task(t)
+            curvature_s = time.time() - clock
+            clock = time.time()
+            run.acc[t][: t + 1] = run.evaluate(t)
+            eval_s = time.time() - clock
+            seen = [row[: t + 1] for row in run.acc[: t + 1]]
+            summary = {
+                'task': t,
+                'classes': tasks[t].classes
+                if config.setting != 'data_il'
+                else None,
+                'train_examples': int(len(tasks[t].train_idx)),
+                'chunk_size': int(len(tasks[t].train_idx))
+                if config.setting == 'data_il'
+                else None,
+                'accuracy': run.acc[t][: t + 1],
+                'average_accuracy': metrics_lib.average_accuracy(seen),
+                'forgetting': metrics_lib.forgetting(seen),
+                'backward_transfer': metrics_lib.backward_transfer(seen),
+                'steps': n,
+                'train_s': train_s,
+                'curvature_s': curvature_s,
+                'eval_s': eval_s,
+            }
+            run.per_task.append(summary)
+            _report_task(run, t, summary)
+            ckpt.save(run, run.global_step(t + 1, 0), meta(t + 1, 0))
+    finally:
+        # Async saves complete before the process ends, error or not.
+        ckpt.close()
+        run.close()
 
     results = {
         'setting': config.setting,
+        'benchmark': config.benchmark,
         'method': config.method,
-        'num_tasks': num_tasks,
-        'classes_per_task': config.data.classes_per_task,
-        'task_classes': [task['classes'] for task in tasks],
-        'accuracy_matrix': acc,
-        'average_accuracy': metrics_lib.average_accuracy(acc),
-        'forgetting': metrics_lib.forgetting(acc),
-        'backward_transfer': metrics_lib.backward_transfer(acc),
-        'per_task': task_log,
-        'wall_time_s': time.time() - t_start,
+        'data': data.name,
+        'num_tasks': len(tasks),
+        'num_classes': num_classes,
+        'classes_per_task': None
+        if config.setting == 'data_il'
+        else len(tasks[0].classes),
+        'task_classes': [task.classes for task in tasks]
+        if config.setting != 'data_il'
+        else None,
+        'accuracy_matrix': run.acc,
+        'average_accuracy': metrics_lib.average_accuracy(run.acc),
+        'forgetting': metrics_lib.forgetting(run.acc),
+        'backward_transfer': metrics_lib.backward_transfer(run.acc),
+        'per_task': run.per_task,
+        'wall_time_s': elapsed + time.time() - t_start,
         'method_config': dataclasses.asdict(mcfg),
         'config': json.loads(config.to_json_best_effort()),
-        'devices': [str(d) for d in jax.devices()],
+        'num_devices': jax.device_count(),
+        'num_processes': jax.process_count(),
+        'platform': jax.devices()[0].platform,
+        'device_kind': jax.devices()[0].device_kind,
+        'host': socket.gethostname(),
         'jax_version': jax.__version__,
     }
-    with open(workdir_path / 'results.json', 'w', encoding='utf-8') as f:
-        json.dump(results, f, indent=2)
-    print('\naccuracy matrix (row: after task i, column: test data of task j)')
-    print(metrics_lib.format_accuracy_matrix(acc))
-    print(
-        f"average accuracy {results['average_accuracy']:.2f}% | forgetting "
-        f"{results['forgetting']:.2f} | backward transfer "
-        f"{results['backward_transfer']:.2f} | wall time "
-        f"{results['wall_time_s']:.0f} s -> {workdir_path / 'results.json'}"
-    )
+    if jax.process_index() == 0:
+        _write_outputs(results, workdir_path)
     return results
+
+
+def _report_task(run: _Run, t: int, summary: dict[str, Any]) -> None:
+    run.log({'event': 'task_end', **summary})
+    if run.events is not None:
+        g = run.global_step(t + 1, 0)
+        run.events.scalars(
+            {
+                'eval/average_accuracy': summary['average_accuracy'],
+                'eval/forgetting': summary['forgetting'],
+                'eval/backward_transfer': summary['backward_transfer'],
+                **{
+                    f'eval/task_{j + 1}_accuracy': a
+                    for j, a in enumerate(summary['accuracy'])
+                },
+            },
+            g,
+        )
+        run.events.flush()
+    if run.is_chief:
+        print(
+            f'after task {t + 1}: '
+            + ' '.join(f'T{j + 1} {a:5.1f}%' for j, a in enumerate(
+                summary['accuracy']))
+            + f" | average {summary['average_accuracy']:5.2f}%"
+            + f" | forgetting {summary['forgetting']:5.2f}"
+            + f" | BWT {summary['backward_transfer']:+.2f}"
+            + f" | train {summary['train_s']:.0f}s curvature "
+            f"{summary['curvature_s']:.0f}s eval {summary['eval_s']:.0f}s",
+            flush=True,
+        )
+
+
+def _write_outputs(results: dict[str, Any], workdir: Path) -> None:
+    """results.json, summary.txt and results.png, written atomically."""
+    tmp = workdir / 'results.json.tmp'
+    tmp.write_text(json.dumps(results, indent=2) + '\n', encoding='utf-8')
+    os.replace(tmp, workdir / 'results.json')
+    table = reporting.summary_table(results)
+    (workdir / 'summary.txt').write_text(table + '\n', encoding='utf-8')
+    reporting.save_plots(results, workdir / 'results.png')
+    print()
+    print(table)
+    print(
+        f'-> {workdir / "results.json"}, summary.txt, results.png, log.jsonl, '
+        'tensorboard/'
+    )

@@ -139,13 +139,13 @@ def test_data_il_splits_the_data_and_tests_on_everything(tmp_path, npz_dir):
     config = _tiny_config(npz_dir)
     config.setting = 'data_il'
     config.replay.buffer_size = 0
-    tasks, num_classes = train._load_data(config)  # pylint: disable=protected-access
+    from experiments import datasets  # pylint: disable=g-import-not-at-top
+
+    tasks, num_classes = train.make_tasks(config, datasets.load(config.data))
     assert num_classes == 4 and len(tasks) == 2
-    assert len(tasks[0]['y_train']) == len(tasks[1]['y_train']) == 40
-    assert not set(map(bytes, tasks[0]['x_train'])) & set(
-        map(bytes, tasks[1]['x_train'])
-    )
-    assert len(tasks[0]['y_test']) == 40  # the full test set, every task
+    assert len(tasks[0].train_idx) == len(tasks[1].train_idx) == 40
+    assert not set(tasks[0].train_idx) & set(tasks[1].train_idx)
+    assert len(tasks[0].test_idx) == 40  # the full test set, every task
     results = train.train_and_evaluate(config, str(tmp_path / 'data'))
     r = results['accuracy_matrix']
     assert r[1][0] == r[1][1]  # the same full test set

@@ -1,0 +1,180 @@
+"""Checkpoints and exact resume of the continual runner.
+
+A run interrupted after any checkpoint, in the middle of a task or between
+tasks, and started again with the same command must end with the same
+results.json as a run that was never interrupted (timings aside).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from experiments import train
+from experiments.configs import class_il
+
+TIMING_KEYS = ('wall_time_s', 'train_s', 'curvature_s', 'eval_s')
+
+# The tiny class-IL run: 2 tasks of 2 classes, 6 + 3 steps, replay on.
+TINY = {
+    'data.num_tasks': 2,
+    'backbone.name': 'small_cnn',
+    'backbone.image_size': 16,
+    'train.batch_size': 8,
+    'train.steps_per_task': 3,
+    'train.log_every': 1,
+    'curvature.num_batches': 2,
+    'curvature.batch_size': 8,
+    'replay.buffer_size': 10,
+    'replay.batch_size': 4,
+    'eval.batch_size': 16,
+    'checkpoint.every_steps': 2,
+}
+
+
+def tiny_config(npz_dir, **overrides):
+    config = class_il.get_config()
+    for key, value in {**TINY, **overrides}.items():
+        node = config
+        *path, leaf = key.split('.')
+        for name in path:
+            node = node[name]
+        node[leaf] = value
+    config.data.npz_dir = str(npz_dir)
+    return config
+
+
+def cli_flags(npz_dir, **overrides):
+    return [
+        f'--config.{k}={v}' for k, v in {**TINY, **overrides}.items()
+    ] + [f'--config.data.npz_dir={npz_dir}']
+
+
+def without_timings(tree):
+    """results minus the wall-clock fields (which differ between runs)."""
+    if isinstance(tree, dict):
+        return {
+            k: without_timings(v)
+            for k, v in tree.items()
+            if k not in TIMING_KEYS
+        }
+    if isinstance(tree, list):
+        return [without_timings(v) for v in tree]
+    return tree
+
+
+def read_results(workdir):
+    return json.loads((workdir / 'results.json').read_text())
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize('stop_after_saves', [2, 4])
+def test_resume_after_an_interruption_gives_the_same_results(
+    tmp_path, npz_dir, monkeypatch, stop_after_saves
+):
+    # Checkpoints of the tiny run (global steps): task 1 at 2 and 4, its end
+    # at 6, task 2 at 8 (mid-task, buffer full), its end at 9. Stopping
+    # after the 2nd save resumes task 1 at step 4; after the 4th, task 2 at
+    # step 2 with the replay buffer restored from the checkpoint.
+    reference = train.train_and_evaluate(
+        tiny_config(npz_dir), str(tmp_path / 'straight')
+    )
+    workdir = tmp_path / 'interrupted'
+    save = train._Checkpoints.save  # pylint: disable=protected-access
+    calls = []
+
+    def save_then_stop(self, run, g, meta):
+        save(self, run, g, meta)
+        calls.append(g)
+        if len(calls) == stop_after_saves:
+            raise Interrupted(g)
+
+    monkeypatch.setattr(train._Checkpoints, 'save', save_then_stop)  # pylint: disable=protected-access
+    with pytest.raises(Interrupted):
+        train.train_and_evaluate(tiny_config(npz_dir), str(workdir))
+    assert not (workdir / 'results.json').exists()
+    # The checkpoint was completed before the exception left the runner.
+    steps = sorted(
+        int(p.name) for p in (workdir / 'checkpoints').iterdir()
+        if p.name.isdigit()
+    )
+    assert steps[-1] == calls[-1]
+    monkeypatch.undo()
+
+    resumed = train.train_and_evaluate(tiny_config(npz_dir), str(workdir))
+    assert without_timings(resumed) == without_timings(reference)
+    assert without_timings(read_results(workdir)) == without_timings(
+        read_results(tmp_path / 'straight')
+    )
+    log = [json.loads(l) for l in (workdir / 'log.jsonl').open()]
+    resumes = [e for e in log if e.get('event') == 'resumed']
+    assert len(resumes) == 1
+    expected = {2: (0, 4), 4: (1, 2)}[stop_after_saves]
+    assert (resumes[0]['task'], resumes[0]['steps_done']) == expected
+
+    # A finished run started again only rewrites its outputs.
+    again = train.train_and_evaluate(tiny_config(npz_dir), str(workdir))
+    assert without_timings(again) == without_timings(reference)
+
+
+def test_resume_refuses_another_configuration(tmp_path, npz_dir):
+    workdir = tmp_path / 'run'
+    train.train_and_evaluate(tiny_config(npz_dir), str(workdir))
+    with pytest.raises(train.ConfigError, match='train.steps_per_task'):
+        train.train_and_evaluate(
+            tiny_config(npz_dir, **{'train.steps_per_task': 4}), str(workdir)
+        )
+
+
+def test_killed_run_resumes_to_the_same_results(tmp_path, npz_dir, repo_root):
+    """SIGKILL in the middle of a run, then the same command again."""
+    overrides = {'train.steps_per_task': 12, 'checkpoint.every_steps': 3}
+    reference = train.train_and_evaluate(
+        tiny_config(npz_dir, **overrides), str(tmp_path / 'straight')
+    )
+    workdir = tmp_path / 'killed'
+    cmd = [
+        sys.executable,
+        '-m',
+        'experiments.run',
+        '--config=experiments/configs/class_il.py',
+        f'--workdir={workdir}',
+        *cli_flags(npz_dir, **overrides),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=repo_root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Kill it once a mid-run checkpoint (global step >= 9, in task 1 of
+    # 24 steps) is on disk: the kill may land anywhere after it.
+    deadline = time.time() + 300
+    ckpt_dir = workdir / 'checkpoints'
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt_dir.is_dir() and any(
+            p.name.isdigit() and int(p.name) >= 9 for p in ckpt_dir.iterdir()
+        ):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (workdir / 'results.json').exists()
+
+    out = subprocess.run(
+        cmd, cwd=repo_root, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert 'resumed from' in out.stdout
+    assert without_timings(read_results(workdir)) == without_timings(
+        reference
+    )
