@@ -164,6 +164,8 @@ def load(data_config: Mapping[str, Any]) -> Dataset:
         * `name`: tfds name ('cifar10' or 'cifar100'); needed for 'tfds'.
         * `tfds_data_dir`: tfds data folder (None: tfds' default, i.e.
           $TFDS_DATA_DIR or ~/tensorflow_datasets).
+        * `download`: let tfds download and prepare a missing data set
+          (needs internet, and TensorFlow for CIFAR; default False).
         * `mit67_dir`: MIT-67 folder; needed for 'mit67'.
         * `cache_dir`: folder for the decoded MIT-67 arrays (None:
           ~/.cache/dlcft_jax/datasets).
@@ -190,7 +192,11 @@ def load(data_config: Mapping[str, Any]) -> Dataset:
                 "data.source='tfds' needs data.name (e.g. 'cifar10' or "
                 "'cifar100')."
             )
-        return _load_tfds(name, data_config.get('tfds_data_dir'))
+        return _load_tfds(
+            name,
+            data_config.get('tfds_data_dir'),
+            bool(data_config.get('download', False)),
+        )
     if source == 'mit67':
         return _load_mit67(
             data_config.get('mit67_dir'), data_config.get('cache_dir')
@@ -240,19 +246,23 @@ def _tfds_not_prepared_message(
         f'not): `pip install tensorflow && tfds build {name} '
         f'--file_format=array_record{dir_flag}`, then copy the data folder '
         '(by default ~/tensorflow_datasets) to this machine and point '
-        '--config.data.tfds_data_dir at it. Alternatively pass '
+        '--config.data.tfds_data_dir at it (or, with internet and '
+        'TensorFlow here, add --config.data.download=True). Alternatively '
+        'pass '
         '--config.data.npz_dir=DIR, a folder with train.npz and test.npz '
         "holding 'image' (uint8 NHWC) and 'label'. "
         f'(tfds said: {type(error).__name__}: {said})'
     )
 
 
-def _open_tfds(name: str, split: str, data_dir: str | None) -> Any:
+def _open_tfds(
+    name: str, split: str, data_dir: str | None, download: bool = False
+) -> Any:
     import tensorflow_datasets as tfds  # slow import; only when needed
 
     try:
         return tfds.data_source(
-            name, split=split, data_dir=data_dir, download=False
+            name, split=split, data_dir=data_dir, download=download
         )
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ValueError(
@@ -289,9 +299,9 @@ def _read_records(source: Sequence[Any]) -> list[Any]:
 
 
 def _tfds_split(
-    name: str, split: str, data_dir: str | None
+    name: str, split: str, data_dir: str | None, download: bool = False
 ) -> tuple[np.ndarray, np.ndarray, int | None]:
-    source = _open_tfds(name, split, data_dir)
+    source = _open_tfds(name, split, data_dir, download)
     records = _read_records(source)
     if not records:
         raise ValueError(f'tfds data set {name!r} split {split!r} is empty.')
@@ -324,11 +334,17 @@ def _tfds_split(
     return images, labels, num_classes
 
 
-def _load_tfds(name: str, data_dir: str | None) -> Dataset:
+def _load_tfds(
+    name: str, data_dir: str | None, download: bool = False
+) -> Dataset:
     if data_dir:
         data_dir = os.path.expanduser(os.fspath(data_dir))
-    x_train, y_train, classes_train = _tfds_split(name, 'train', data_dir)
-    x_test, y_test, classes_test = _tfds_split(name, 'test', data_dir)
+    x_train, y_train, classes_train = _tfds_split(
+        name, 'train', data_dir, download
+    )
+    x_test, y_test, classes_test = _tfds_split(
+        name, 'test', data_dir, download
+    )
     num_classes = classes_train or classes_test
     if num_classes is None:
         num_classes = int(max(y_train.max(), y_test.max())) + 1

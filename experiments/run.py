@@ -33,7 +33,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    logging.set_verbosity(logging.INFO)
+    # WARNING: orbax reports every save at INFO; the runner prints its own.
+    logging.set_verbosity(logging.WARNING)
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:

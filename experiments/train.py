@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
-import logging
 import math
 import os
+import queue
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -55,12 +55,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import dlcft_jax as dj
-from dlcft_jax import losses
+from dlcft_jax import losses, parallel
 from dlcft_jax import metrics as metrics_lib
-from dlcft_jax import parallel
 from dlcft_jax.data import ReplayBuffer
-from experiments import datasets
-from experiments import reporting
+from experiments import datasets, reporting
 
 SETTINGS = ('class_il', 'task_il', 'data_il')
 RESNETS = ('cifar_resnet18', 'resnet18', 'resnet50')
@@ -76,10 +74,12 @@ _RESUMABLE_FIELDS = (
     'compilation_cache_dir',
     'distributed',
     'train.log_every',
+    'train.stop_after_tasks',
     'data.npz_dir',
     'data.tfds_data_dir',
     'data.mit67_dir',
     'data.cache_dir',
+    'data.download',
     'backbone.checkpoint',
     'eval.batch_size',
 )
@@ -100,8 +100,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
 
     need(
         config.setting in SETTINGS,
-        f'config.setting={config.setting!r} is unknown; use one of '
-        f'{SETTINGS}.',
+        f'config.setting={config.setting!r} is unknown; use one of {SETTINGS}.',
     )
     need(
         config.method in METHODS,
@@ -138,6 +137,11 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     need(
         config.backbone.image_size >= 8,
         'config.backbone.image_size must be at least 8 pixels.',
+    )
+    need(
+        config.train.stop_after_tasks is None
+        or config.train.stop_after_tasks >= 1,
+        'config.train.stop_after_tasks must be None or >= 1.',
     )
     need(
         config.checkpoint.every_steps >= 0
@@ -444,10 +448,10 @@ def make_tasks(
     for classes in groups:
         tr = np.flatnonzero(np.isin(y_train, classes))
         te = np.flatnonzero(np.isin(y_test, classes))
-        _check_task_size(config, len(tr), len(te), f'Task with classes {classes}')
-        tasks.append(
-            Task(classes, tr, te, row[y_train[tr]], row[y_test[te]])
+        _check_task_size(
+            config, len(tr), len(te), f'Task with classes {classes}'
         )
+        tasks.append(Task(classes, tr, te, row[y_train[tr]], row[y_test[te]]))
     return tasks, len(flat)
 
 
@@ -480,6 +484,49 @@ def _rng(config, stream: int, *counters: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, stream, *counters])
 
 
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective hash of uint64 values."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class RowRandom:
+    """Per-row random numbers that depend only on (counters, row index).
+
+    Duck-types the two `np.random.Generator` methods the augmentations use
+    (`integers`, `random`). Call d of the transform gives row i the value
+    hash(counters, i, d), so a row's augmentation is the same whichever
+    host or device processes it, and a batch needs no generator per row.
+    """
+
+    def __init__(self, counters: tuple[int, ...], rows: np.ndarray):
+        key = np.zeros((), np.uint64)
+        with np.errstate(over='ignore'):
+            for c in counters:
+                key = _mix(key + np.uint64(c) + np.uint64(0x9E3779B97F4A7C15))
+            self._rows = _mix(key + np.asarray(rows, np.uint64))
+        self._draw = 0
+
+    def random(self, size: int) -> np.ndarray:
+        """Uniform [0, 1) floats, one per row."""
+        assert size == len(self._rows), (size, len(self._rows))
+        self._draw += 1
+        with np.errstate(over='ignore'):
+            bits = _mix(
+                self._rows
+                + np.uint64(self._draw) * np.uint64(0xD1B54A32D192ED03)
+            )
+        return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+    def integers(self, low, high, size: int) -> np.ndarray:
+        """Integers in [low, high) (bounds may be per-row arrays)."""
+        u = self.random(size)
+        low = np.asarray(low, np.int64)
+        span = np.asarray(high, np.int64) - low
+        return low + np.minimum((u * span).astype(np.int64), span - 1)
+
+
 def epoch_indices(
     config, t: int, n: int, start: int, count: int, stream: int = _ORDER
 ) -> np.ndarray:
@@ -495,6 +542,40 @@ def epoch_indices(
         perm = _rng(config, stream, t, int(e)).permutation(n)
         out[sel] = perm[pos[sel] % n]
     return out
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def prefetch(iterator, size: int = 3):
+    """Runs `iterator` in a background thread, `size` items ahead.
+
+    Host-side batch assembly and augmentation (NumPy, which releases the
+    GIL in its kernels) overlap with the device step. An exception in the
+    thread is raised in the consumer.
+    """
+    items: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+
+    def work():
+        try:
+            for item in iterator:
+                items.put(item)
+        except BaseException as e:  # pylint: disable=broad-except
+            items.put(_Failed(e))
+            return
+        items.put(done)
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        item = items.get()
+        if item is done:
+            return
+        if isinstance(item, _Failed):
+            raise item.error
+        yield item
 
 
 # ----------------------------------------------------------------------------
@@ -539,6 +620,7 @@ class _Run:
             [None] * len(tasks) for _ in tasks
         ]
         self.per_task: list[dict[str, Any]] = []
+        self.input_wait_s = 0.0  # of the current task
         self.log_file = None
         self.events = None
         if self.is_chief:
@@ -570,10 +652,21 @@ class _Run:
         per_host = total // jax.process_count()
         return slice(self.process * per_host, (self.process + 1) * per_host)
 
-    def _augment(self, images, rng):
+    def _augment(self, images, *counters):
+        """Training transform; row i draws from (seed, counters, i).
+
+        `counters` end with the global index of the first row, so a row's
+        augmentation does not depend on how many hosts share the batch.
+        """
+        aug = self.data.augmentation
         if not self.config.data.augment:
-            return datasets.test_transform(self.data.augmentation, images)
-        return datasets.train_transform(self.data.augmentation, images, rng)
+            return datasets.test_transform(aug, images)
+        *head, first = counters
+        rng = RowRandom(
+            (self.config.seed, _AUGMENT, *head),
+            np.arange(first, first + len(images)),
+        )
+        return datasets.train_transform(aug, images, rng)
 
     def _to_devices(self, batch: dict[str, np.ndarray]) -> Any:
         return parallel.shard_batch(
@@ -600,9 +693,7 @@ class _Run:
                 fill = _rng(cfg, _FILL, t, k).integers(0, n, size=r)[lo:hi]
                 images.append(self.data.x_train[task.train_idx[fill]])
                 labels.append(task.train_rows[fill])
-        images = self._augment(
-            np.concatenate(images), _rng(cfg, _AUGMENT, t, k, rows.start)
-        )
+        images = self._augment(np.concatenate(images), t, k, rows.start)
         return {
             'image': images,
             'label': np.concatenate(labels).astype(np.int32),
@@ -612,7 +703,8 @@ class _Run:
 
     def begin_task(self, t: int) -> None:
         train_mask, _ = class_masks(self.config, t, self.num_classes)
-        state = parallel.unreplicate(self.state)
+        # Through the host: pmap places the replicated copies itself.
+        state = jax.device_get(parallel.unreplicate(self.state))
         state = dj.begin_task(
             state, num_steps=self.n_steps(t), class_mask=train_mask
         )
@@ -623,15 +715,21 @@ class _Run:
         cfg = self.config
         n = self.n_steps(t)
         progress = (
-            reporting.Progress(
-                n, t, len(self.tasks), every=cfg.train.log_every
-            )
+            reporting.Progress(n, t, len(self.tasks), every=cfg.train.log_every)
             if self.is_chief
             else None
         )
-        window_start, window_images = time.time(), 0
+        window_start, window_images, window_wait = time.time(), 0, 0.0
+        batches = prefetch(
+            self._to_devices(self.train_batch(t, k)) for k in range(first, last)
+        )
         for k in range(first, last):
-            batch = self._to_devices(self.train_batch(t, k))
+            # Time the step waits for its input: near 0 while the host
+            # keeps ahead of the device.
+            wait_start = time.time()
+            batch = next(batches)
+            window_wait += time.time() - wait_start
+            self.input_wait_s += time.time() - wait_start
             self.state, m = self.step_fn(self.state, batch)
             window_images += cfg.train.batch_size + self.replay_bs
             done = k + 1
@@ -649,9 +747,10 @@ class _Run:
                         f'{m}. Lower config.optim.learning_rate or check '
                         'the data.'
                     )
-                rate = window_images / max(time.time() - window_start, 1e-9)
-                window_start, window_images = time.time(), 0
-                m['images_per_s'] = rate
+                elapsed = max(time.time() - window_start, 1e-9)
+                m['images_per_s'] = window_images / elapsed
+                m['input_wait_frac'] = window_wait / elapsed
+                window_start, window_images, window_wait = time.time(), 0, 0.0
                 if progress is not None:
                     progress.update(done, m)
                 g = self.global_step(t, done)
@@ -681,7 +780,10 @@ class _Run:
                     idx = pos[i * bs : (i + 1) * bs][rows]
                     images = self._augment(
                         self.data.x_train[task.train_idx[idx]],
-                        _rng(cfg, _CURVATURE, t, i, rows.start, 1),
+                        _CURVATURE,
+                        t,
+                        i,
+                        rows.start,
                     )
                     yield self._to_devices(
                         {'image': images, 'label': task.train_rows[idx]}
@@ -720,7 +822,9 @@ class _Run:
             )
             m = len(x)
             if m < bs:  # pad: one static shape
-                x = np.concatenate([x, np.zeros((bs - m,) + x.shape[1:], x.dtype)])
+                x = np.concatenate(
+                    [x, np.zeros((bs - m,) + x.shape[1:], x.dtype)]
+                )
             out = self.predict_fn(self.state, self._to_devices({'x': x})['x'])
             yield np.asarray(out).reshape(bs, -1)[:m]
 
@@ -829,7 +933,7 @@ class _Checkpoints:
         return self.manager.latest_step()
 
     def restore(self, run: _Run, g: int) -> dict[str, Any]:
-        state = parallel.unreplicate(run.state)
+        state = jax.device_get(parallel.unreplicate(run.state))
         # NumPy templates: the values restore as NumPy on the host.
         items = {
             'state': ocp.args.StandardRestore(
@@ -906,15 +1010,14 @@ def train_and_evaluate(
     tasks, num_classes = make_tasks(config, data)
     apply_fn, variables = build_backbone(config, data.mean, data.std)
     mcfg = method_config(config)
-    n_local = jax.local_device_count()
     per_device = (
         config.train.batch_size + _replay_batch(config)
     ) // jax.device_count()
     example = jnp.zeros(
         (per_device,)
-        + datasets.test_transform(
-            data.augmentation, data.x_train[:1]
-        ).shape[1:],
+        + datasets.test_transform(data.augmentation, data.x_train[:1]).shape[
+            1:
+        ],
         jnp.uint8,
     )
     state = dj.create_state(
@@ -926,19 +1029,14 @@ def train_and_evaluate(
     )
     run = _Run(config, data, tasks, num_classes, state, workdir_path)
     ckpt = _Checkpoints(workdir_path, config)
-    logging.info(
-        '%s / %s on %s: %d tasks, %d classes, backbone %s at %d px, '
-        '%d devices on %d hosts',
-        config.setting,
-        config.method,
-        data.name,
-        len(tasks),
-        num_classes,
-        config.backbone.name,
-        config.backbone.image_size,
-        jax.device_count(),
-        jax.process_count(),
-    )
+    if run.is_chief:
+        print(
+            f'{config.setting} / {config.method} on {data.name}: '
+            f'{len(tasks)} tasks, {num_classes} classes, backbone '
+            f'{config.backbone.name} at {config.backbone.image_size} px, '
+            f'{jax.device_count()} devices on {jax.process_count()} hosts',
+            flush=True,
+        )
     # Position: the next task to run and the steps of it already taken.
     t0, k0, elapsed, resumed_train_s = 0, 0, 0.0, 0.0
     latest = ckpt.latest()
@@ -970,7 +1068,10 @@ def train_and_evaluate(
                 'fingerprint': fingerprint,
             }
 
+        stop = config.train.stop_after_tasks
         for t in range(t0, len(tasks)):
+            if stop is not None and t >= stop:
+                break
             n = run.n_steps(t)
             # Training seconds of this task before a resume, if any.
             before = resumed_train_s if k0 else 0.0
@@ -984,6 +1085,7 @@ def train_and_evaluate(
                     timing = {'train_s': before + time.time() - clock}
                     ckpt.save(run, run.global_step(t, k), meta(t, k, timing))
 
+            run.input_wait_s = 0.0
             run.train_steps(t, k0, n, on_step)
             train_s = before + time.time() - clock
             k0 = 0
@@ -1009,6 +1111,10 @@ def train_and_evaluate(
                 'backward_transfer': metrics_lib.backward_transfer(seen),
                 'steps': n,
                 'train_s': train_s,
+                # Share of this invocation's training time spent waiting for
+                # input batches (the host pipeline starving the device).
+                'input_wait_frac': run.input_wait_s
+                / max(train_s - before, 1e-9),
                 'curvature_s': curvature_s,
                 'eval_s': eval_s,
             }
@@ -1020,7 +1126,11 @@ def train_and_evaluate(
         ckpt.close()
         run.close()
 
+    done = len(run.per_task)
+    seen = [row[:done] for row in run.acc[:done]]
     results = {
+        'complete': done == len(tasks),
+        'tasks_done': done,
         'setting': config.setting,
         'benchmark': config.benchmark,
         'method': config.method,
@@ -1034,9 +1144,10 @@ def train_and_evaluate(
         if config.setting != 'data_il'
         else None,
         'accuracy_matrix': run.acc,
-        'average_accuracy': metrics_lib.average_accuracy(run.acc),
-        'forgetting': metrics_lib.forgetting(run.acc),
-        'backward_transfer': metrics_lib.backward_transfer(run.acc),
+        # After the last task done (all of them unless stop_after_tasks).
+        'average_accuracy': metrics_lib.average_accuracy(seen),
+        'forgetting': metrics_lib.forgetting(seen),
+        'backward_transfer': metrics_lib.backward_transfer(seen),
         'per_task': run.per_task,
         'wall_time_s': elapsed + time.time() - t_start,
         'method_config': dataclasses.asdict(mcfg),
@@ -1050,6 +1161,12 @@ def train_and_evaluate(
     }
     if jax.process_index() == 0:
         _write_outputs(results, workdir_path)
+        if not results['complete']:
+            print(
+                f'stopped after task {done} of {len(tasks)} '
+                f'(config.train.stop_after_tasks={stop}); run the same '
+                'command with a larger value, or without it, to continue.'
+            )
     return results
 
 
@@ -1073,8 +1190,9 @@ def _report_task(run: _Run, t: int, summary: dict[str, Any]) -> None:
     if run.is_chief:
         print(
             f'after task {t + 1}: '
-            + ' '.join(f'T{j + 1} {a:5.1f}%' for j, a in enumerate(
-                summary['accuracy']))
+            + ' '.join(
+                f'T{j + 1} {a:5.1f}%' for j, a in enumerate(summary['accuracy'])
+            )
             + f" | average {summary['average_accuracy']:5.2f}%"
             + f" | forgetting {summary['forgetting']:5.2f}"
             + f" | BWT {summary['backward_transfer']:+.2f}"
@@ -1082,6 +1200,9 @@ def _report_task(run: _Run, t: int, summary: dict[str, Any]) -> None:
             f"{summary['curvature_s']:.0f}s eval {summary['eval_s']:.0f}s",
             flush=True,
         )
+        if 0 < t < 20:  # the matrix so far, while it fits a screen
+            seen = [row[: t + 1] for row in run.acc[: t + 1]]
+            print(metrics_lib.format_accuracy_matrix(seen), flush=True)
 
 
 def _write_outputs(results: dict[str, Any], workdir: Path) -> None:

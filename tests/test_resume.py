@@ -9,66 +9,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
+from tiny_run import cli_command, read_results, tiny_config, without_timings
 
 from experiments import train
-from experiments.configs import class_il
-
-TIMING_KEYS = ('wall_time_s', 'train_s', 'curvature_s', 'eval_s')
-
-# The tiny class-IL run: 2 tasks of 2 classes, 6 + 3 steps, replay on.
-TINY = {
-    'data.num_tasks': 2,
-    'backbone.name': 'small_cnn',
-    'backbone.image_size': 16,
-    'train.batch_size': 8,
-    'train.steps_per_task': 3,
-    'train.log_every': 1,
-    'curvature.num_batches': 2,
-    'curvature.batch_size': 8,
-    'replay.buffer_size': 10,
-    'replay.batch_size': 4,
-    'eval.batch_size': 16,
-    'checkpoint.every_steps': 2,
-}
-
-
-def tiny_config(npz_dir, **overrides):
-    config = class_il.get_config()
-    for key, value in {**TINY, **overrides}.items():
-        node = config
-        *path, leaf = key.split('.')
-        for name in path:
-            node = node[name]
-        node[leaf] = value
-    config.data.npz_dir = str(npz_dir)
-    return config
-
-
-def cli_flags(npz_dir, **overrides):
-    return [
-        f'--config.{k}={v}' for k, v in {**TINY, **overrides}.items()
-    ] + [f'--config.data.npz_dir={npz_dir}']
-
-
-def without_timings(tree):
-    """results minus the wall-clock fields (which differ between runs)."""
-    if isinstance(tree, dict):
-        return {
-            k: without_timings(v)
-            for k, v in tree.items()
-            if k not in TIMING_KEYS
-        }
-    if isinstance(tree, list):
-        return [without_timings(v) for v in tree]
-    return tree
-
-
-def read_results(workdir):
-    return json.loads((workdir / 'results.json').read_text())
 
 
 class Interrupted(Exception):
@@ -102,7 +48,8 @@ def test_resume_after_an_interruption_gives_the_same_results(
     assert not (workdir / 'results.json').exists()
     # The checkpoint was completed before the exception left the runner.
     steps = sorted(
-        int(p.name) for p in (workdir / 'checkpoints').iterdir()
+        int(p.name)
+        for p in (workdir / 'checkpoints').iterdir()
         if p.name.isdigit()
     )
     assert steps[-1] == calls[-1]
@@ -140,14 +87,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, npz_dir, repo_root):
         tiny_config(npz_dir, **overrides), str(tmp_path / 'straight')
     )
     workdir = tmp_path / 'killed'
-    cmd = [
-        sys.executable,
-        '-m',
-        'experiments.run',
-        '--config=experiments/configs/class_il.py',
-        f'--workdir={workdir}',
-        *cli_flags(npz_dir, **overrides),
-    ]
+    cmd = cli_command(workdir, npz_dir, **overrides)
     proc = subprocess.Popen(
         cmd,
         cwd=repo_root,
@@ -175,6 +115,4 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, npz_dir, repo_root):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert 'resumed from' in out.stdout
-    assert without_timings(read_results(workdir)) == without_timings(
-        reference
-    )
+    assert without_timings(read_results(workdir)) == without_timings(reference)

@@ -76,6 +76,10 @@ def base() -> ml_collections.ConfigDict:
     # None with source 'npz': the subset in experiments/data/cifar10_5x2.
     config.data.npz_dir = config_dict.placeholder(str)
     config.data.tfds_data_dir = config_dict.placeholder(str)
+    # Let tfds download and prepare a missing data set (internet, and
+    # TensorFlow for CIFAR); by default a missing one is an error that says
+    # how to prepare it.
+    config.data.download = False
     config.data.mit67_dir = config_dict.placeholder(str)
     # Decoded MIT-67 arrays are cached here (None: ~/.cache/dlcft_jax).
     config.data.cache_dir = config_dict.placeholder(str)
@@ -110,6 +114,9 @@ def base() -> ml_collections.ConfigDict:
     config.train.steps_per_task = 50  # the paper: 10,000
     config.train.first_task_multiplier = 2  # the paper trains task 0 2x longer
     config.train.log_every = 10
+    # Stop (with a checkpoint and partial results) after this many tasks;
+    # the same command with a larger value or None continues the run.
+    config.train.stop_after_tasks = config_dict.placeholder(int)
 
     config.optim = ml_collections.ConfigDict()
     # None: the method's default (DLCFT: Adam 1e-4; finetune: SGD 0.9, 1e-3).
