@@ -342,9 +342,7 @@ def _load_tfds(
     x_train, y_train, classes_train = _tfds_split(
         name, 'train', data_dir, download
     )
-    x_test, y_test, classes_test = _tfds_split(
-        name, 'test', data_dir, download
-    )
+    x_test, y_test, classes_test = _tfds_split(name, 'test', data_dir, download)
     num_classes = classes_train or classes_test
     if num_classes is None:
         num_classes = int(max(y_train.max(), y_test.max())) + 1

@@ -425,7 +425,13 @@ def save_plots(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
     m = _matrix(results)
     num_tasks = m.shape[0]
     many = num_tasks > _MANY_TASKS
-    avg_curve = [metrics_lib.average_accuracy(m, t) for t in range(num_tasks)]
+    # Rows not evaluated yet (a run stopped early) plot as gaps.
+    avg_curve = [
+        float(np.mean(m[t, : t + 1]))  # = average_accuracy(m, t)
+        if np.isfinite(m[t, : t + 1]).all()
+        else np.nan
+        for t in range(num_tasks)
+    ]
     final_avg = _metric(
         results, 'average_accuracy', metrics_lib.average_accuracy
     )
@@ -566,7 +572,12 @@ def summary_table(results: Mapping[str, Any]) -> str:
       The table, without trailing newline.
     """
     m = _matrix(results)
-    num_tasks = m.shape[0]
+    planned = m.shape[0]
+    # A run stopped early: the table covers the tasks done.
+    done = np.isfinite(np.diagonal(m))
+    num_tasks = int(np.argmin(done)) if not done.all() else planned
+    num_tasks = max(num_tasks, 1)
+    m = m[:num_tasks, :num_tasks]
     per_task = list(results.get('per_task') or [])
     per_task += [{}] * (num_tasks - len(per_task))
 
@@ -611,7 +622,12 @@ def summary_table(results: Mapping[str, Any]) -> str:
         labels[1] = 'chunk'
     header = line(labels)
     rule = '-' * len(header)
-    lines = [f'{name}: {num_tasks} tasks' if name else f'{num_tasks} tasks']
+    count = (
+        f'{num_tasks} tasks'
+        if num_tasks == planned
+        else f'{num_tasks} of {planned} tasks (stopped early)'
+    )
+    lines = [f'{name}: {count}' if name else count]
     lines += [header, rule]
     if num_tasks > _MANY_TASKS:
         shown = _MANY_TASKS // 2

@@ -11,6 +11,8 @@ import signal
 import subprocess
 import time
 
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from tiny_run import cli_command, read_results, tiny_config, without_timings
 
@@ -21,17 +23,21 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize('stop_after_saves', [2, 4])
+@pytest.mark.parametrize(
+    'stop_after_saves,store_logits', [(2, False), (4, True)]
+)
 def test_resume_after_an_interruption_gives_the_same_results(
-    tmp_path, npz_dir, monkeypatch, stop_after_saves
+    tmp_path, npz_dir, monkeypatch, stop_after_saves, store_logits
 ):
     # Checkpoints of the tiny run (global steps): task 1 at 2 and 4, its end
     # at 6, task 2 at 8 (mid-task, buffer full), its end at 9. Stopping
     # after the 2nd save resumes task 1 at step 4; after the 4th, task 2 at
-    # step 2 with the replay buffer restored from the checkpoint.
-    reference = train.train_and_evaluate(
-        tiny_config(npz_dir), str(tmp_path / 'straight')
-    )
+    # step 2 with the replay buffer (and, DER-style, the logits stored at
+    # insertion) restored from the checkpoint.
+    def config():
+        return tiny_config(npz_dir, **{'replay.store_logits': store_logits})
+
+    reference = train.train_and_evaluate(config(), str(tmp_path / 'straight'))
     workdir = tmp_path / 'interrupted'
     save = train._Checkpoints.save  # pylint: disable=protected-access
     calls = []
@@ -44,7 +50,7 @@ def test_resume_after_an_interruption_gives_the_same_results(
 
     monkeypatch.setattr(train._Checkpoints, 'save', save_then_stop)  # pylint: disable=protected-access
     with pytest.raises(Interrupted):
-        train.train_and_evaluate(tiny_config(npz_dir), str(workdir))
+        train.train_and_evaluate(config(), str(workdir))
     assert not (workdir / 'results.json').exists()
     # The checkpoint was completed before the exception left the runner.
     steps = sorted(
@@ -55,7 +61,20 @@ def test_resume_after_an_interruption_gives_the_same_results(
     assert steps[-1] == calls[-1]
     monkeypatch.undo()
 
-    resumed = train.train_and_evaluate(tiny_config(npz_dir), str(workdir))
+    if store_logits:
+        # The checkpoint holds the buffer with the logits at insertion.
+        manager = ocp.CheckpointManager((workdir / 'checkpoints').absolute())
+        saved = manager.restore(
+            calls[-1],
+            args=ocp.args.Composite(buffer=ocp.args.StandardRestore()),
+        )['buffer']
+        manager.close()
+        size = min(int(saved['num_seen']), 10)
+        assert size == 10  # task 1's 40 images were offered to 10 slots
+        logits = np.asarray(saved['logits'])[:size]
+        assert logits.shape == (size, 4) and np.all(np.isfinite(logits))
+        assert np.abs(logits).sum() > 0
+    resumed = train.train_and_evaluate(config(), str(workdir))
     assert without_timings(resumed) == without_timings(reference)
     assert without_timings(read_results(workdir)) == without_timings(
         read_results(tmp_path / 'straight')
@@ -67,7 +86,7 @@ def test_resume_after_an_interruption_gives_the_same_results(
     assert (resumes[0]['task'], resumes[0]['steps_done']) == expected
 
     # A finished run started again only rewrites its outputs.
-    again = train.train_and_evaluate(tiny_config(npz_dir), str(workdir))
+    again = train.train_and_evaluate(config(), str(workdir))
     assert without_timings(again) == without_timings(reference)
 
 

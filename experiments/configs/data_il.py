@@ -16,15 +16,21 @@ Parameters (`--config=experiments/configs/data_il.py:PARAM`):
     python -m experiments.run --config=experiments/configs/data_il.py:seq_cifar10 \
         --config.data.npz_dir=DIR --workdir=runs/data_il_cifar10
 
-  See the README's results table for the time and accuracy on a 2-core CPU.
+  About 25 minutes on a 2-core AMD EPYC CPU without a GPU (measured
+  while other jobs shared the CPU); the README's results table lists the
+  accuracy of each setting.
 * `seq_cifar100`: Seq-CIFAR-100 in 10 chunks of 5,000 images, CIFAR ResNet-18
   pre-trained on ImageNet-32 (`--config.backbone.checkpoint`), batch 128,
-  10,000 steps per task. Paper: 82.70% (spec §7.1). A GPU job.
+  10,000 steps per task. Paper: 82.70% (spec §7.1). Run time: a GPU job,
+  not timed here (no GPU was available to this release; weeks on a 2-core
+  CPU).
 * `seq_cifar100_100`: the same in 100 chunks of 500 images. Paper: 80.07%.
 * `seq_mit67`: MIT Indoor-67 (`--config.data.mit67_dir=DIR` with Images/,
   TrainImages.txt, TestImages.txt) in 4 chunks, ResNet-18 with torchvision
   ImageNet weights (`--config.backbone.checkpoint=resnet18.pth`) at 224 px,
-  resize 256 + random crop 224. Paper: 70.52% (spec §7.1). A GPU job.
+  resize 256 + random crop 224. Paper: 70.52% (spec §7.1). Run time: a GPU
+  job, not timed here (no GPU was available to this release; weeks on a
+  2-core CPU).
 """
 
 import ml_collections

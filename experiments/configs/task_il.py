@@ -15,11 +15,14 @@ Parameters (`--config=experiments/configs/task_il.py:PARAM`):
     python -m experiments.run --config=experiments/configs/task_il.py:seq_cifar10 \
         --config.data.npz_dir=DIR --workdir=runs/task_il_cifar10
 
-  See the README's results table for the time and accuracy on a 2-core CPU.
+  About 25 minutes on a 2-core AMD EPYC CPU without a GPU (measured
+  while other jobs shared the CPU); the README's results table lists the
+  accuracy of each setting.
 * `seq_cifar100`: the paper's task-IL benchmark, Seq-CIFAR-100 in 10 tasks
   grouped as in the authors' code (spec §1), CIFAR ResNet-18 pre-trained on
   ImageNet-32 (`--config.backbone.checkpoint`), batch 128, 50,000 steps per
-  task (first x2). Paper: 95.79% (spec §7.2). A GPU job.
+  task (first x2). Paper: 95.79% (spec §7.2). Run time: a GPU job, not timed
+  here (no GPU was available to this release; weeks on a 2-core CPU).
 """
 
 import ml_collections
