@@ -960,6 +960,12 @@ class _Checkpoints:
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
+    def meta(self, g: int) -> dict[str, Any]:
+        """The position and config fingerprint of checkpoint g (cheap)."""
+        return self.manager.restore(
+            g, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )['meta']
+
     def restore(self, run: _Run, g: int) -> dict[str, Any]:
         state = host_copy(run.state)
         # NumPy templates: the values restore as NumPy on the host.
@@ -1070,8 +1076,9 @@ def train_and_evaluate(
     latest = ckpt.latest()
     try:
         if latest is not None:
+            # The config check first: another config's arrays may not fit.
+            _check_resumable(config, ckpt.meta(latest), workdir_path)
             meta = ckpt.restore(run, latest)
-            _check_resumable(config, meta, workdir_path)
             t0, k0 = meta['task'], meta['steps_done']
             run.acc = meta['accuracy_matrix']
             run.per_task = meta['per_task']

@@ -97,6 +97,11 @@ def test_resume_refuses_another_configuration(tmp_path, npz_dir):
         train.train_and_evaluate(
             tiny_config(npz_dir, **{'train.steps_per_task': 4}), str(workdir)
         )
+    # A head of another width: refused before any array is read.
+    with pytest.raises(train.ConfigError, match='data.num_tasks'):
+        train.train_and_evaluate(
+            tiny_config(npz_dir, **{'data.num_tasks': 1}), str(workdir)
+        )
 
 
 def test_killed_run_resumes_to_the_same_results(tmp_path, npz_dir, repo_root):

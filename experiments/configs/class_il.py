@@ -14,7 +14,7 @@ Parameters (`--config=experiments/configs/class_il.py:PARAM`):
     python -m experiments.run --config=experiments/configs/class_il.py \
         --config.method=finetune --workdir=runs/finetune_class_il
 
-  About 3 minutes each on a 2-core x86-64 CPU; the README lists the
+  About 3-4 minutes each on a 2-core x86-64 CPU; the README lists the
   measured accuracies.
 
 * `seq_cifar10`: all of CIFAR-10 (tfds `cifar10`, or

@@ -122,8 +122,8 @@ def base() -> ml_collections.ConfigDict:
     # None: the method's default (DLCFT: Adam 1e-4; finetune: SGD 0.9, 1e-3).
     config.optim.name = config_dict.placeholder(str)
     # 1e-3 for both methods: the paper's 1e-4 (DLCFT) is for 10,000 steps per
-    # task; with 50 it underfits (34.7% vs 37.9% measured). None restores the
-    # method defaults.
+    # task; with 50 it underfits (34.7% vs 37.9% in the first release). None
+    # restores the method defaults.
     config.optim.learning_rate = config_dict.FieldReference(
         1e-3, field_type=float
     )
