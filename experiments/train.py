@@ -613,9 +613,7 @@ class _Run:
         self.data = data
         self.tasks = tasks
         self.num_classes = num_classes
-        self.workdir = workdir
         self.n_local = jax.local_device_count()
-        self.n_global = jax.device_count()
         self.process = jax.process_index()
         self.is_chief = self.process == 0
         self.replay_bs = _replay_batch(config)

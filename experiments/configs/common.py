@@ -167,14 +167,8 @@ def base() -> ml_collections.ConfigDict:
     return config
 
 
-def _paper_cifar100(config: ml_collections.ConfigDict) -> None:
-    """The paper's Seq-CIFAR-100 hyper-parameters (spec §5)."""
-    config.data.source = 'tfds'
-    config.data.name = 'cifar100'
-    config.data.num_tasks = 10
-    config.data.classes_per_task = 10
-    config.backbone.name = 'cifar_resnet18'
-    config.backbone.image_size = 32
+def _paper_budget(config: ml_collections.ConfigDict) -> None:
+    """The paper's optimisation budget (spec §5), shared by its benchmarks."""
     config.backbone.activation = 'leaky_relu'
     config.train.batch_size = 128
     config.train.steps_per_task = 10_000
@@ -182,6 +176,17 @@ def _paper_cifar100(config: ml_collections.ConfigDict) -> None:
     config.optim.learning_rate = None  # the method's: Adam 1e-4 for DLCFT
     config.curvature.num_batches = 1000
     config.curvature.batch_size = 64
+
+
+def _paper_cifar100(config: ml_collections.ConfigDict) -> None:
+    """The paper's Seq-CIFAR-100 benchmark."""
+    _paper_budget(config)
+    config.data.source = 'tfds'
+    config.data.name = 'cifar100'
+    config.data.num_tasks = 10
+    config.data.classes_per_task = 10
+    config.backbone.name = 'cifar_resnet18'
+    config.backbone.image_size = 32
     config.eval.batch_size = 500
     config.checkpoint.every_steps = 2000
 
@@ -233,15 +238,9 @@ def get(setting: str, benchmark: str | None) -> ml_collections.ConfigDict:
         config.data.source = 'mit67'
         config.data.name = 'mit67'
         config.data.num_tasks = 4
+        _paper_budget(config)
         config.backbone.name = 'resnet18'
         config.backbone.image_size = 224
-        config.backbone.activation = 'leaky_relu'
-        config.train.batch_size = 128
-        config.train.steps_per_task = 10_000
-        config.train.log_every = 100
-        config.optim.learning_rate = None
-        config.curvature.num_batches = 1000
-        config.curvature.batch_size = 64
         config.eval.batch_size = 100
         config.checkpoint.every_steps = 1000
     return config
