@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from tiny_run import set_fields
 
 from dlcft_jax import models
 from experiments import pretrain, train
@@ -29,16 +30,6 @@ SMALL = {
     'eval.batch_size': 400,
     'checkpoint.every_steps': 0,
 }
-
-
-def _set(config, overrides):
-    for key, value in overrides.items():
-        node = config
-        *path, leaf = key.split('.')
-        for name in path:
-            node = node[name]
-        node[leaf] = value
-    return config
 
 
 def _random_backbone(path, architecture, **kwargs):
@@ -90,7 +81,7 @@ def test_seq_cifar100_configs_run_on_mock_data(
     assert config.backbone.name == 'cifar_resnet18'
     assert config.data.num_tasks == num_tasks
     assert config.train.batch_size == 128  # the paper's
-    _set(config, SMALL)
+    set_fields(config, SMALL)
     config.backbone.checkpoint = cifar_backbone
     if config.setting == 'class_il':
         config.replay.batch_size = 8
@@ -163,7 +154,7 @@ def test_seq_mit67_config_runs_on_a_fake_folder(tmp_path):
     assert config.backbone.name == 'resnet18'
     assert config.backbone.image_size == 224
     _fake_mit67(tmp_path / 'mit67')
-    _set(config, SMALL)
+    set_fields(config, SMALL)
     config.data.mit67_dir = str(tmp_path / 'mit67')
     config.data.cache_dir = str(tmp_path / 'cache')
     config.train.batch_size = 4

@@ -19,8 +19,7 @@ import tensorflow_datasets as tfds
 from dlcft_jax import linearization
 from dlcft_jax.models import resnet
 from experiments import pretrain
-from experiments.configs import pretrain_imagenet32
-from experiments.configs import retune_imagenet_resnet18
+from experiments.configs import pretrain_imagenet32, retune_imagenet_resnet18
 
 _NUM_EXAMPLES = 16  # 2 steps per epoch at batch 8
 _TOTAL_STEPS = 4

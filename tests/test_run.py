@@ -6,31 +6,18 @@ import sys
 
 import numpy as np
 import pytest
+from tiny_run import tiny_config
 
 from experiments import train
-from experiments.configs import class_il
-from experiments.configs import data_il
-from experiments.configs import task_il
+from experiments.configs import data_il, task_il
 
 
 def _tiny_config(npz_dir, method='dlcft'):
-    config = class_il.get_config()
-    config.method = method
-    config.data.npz_dir = str(npz_dir)
-    config.data.num_tasks = 2
-    config.data.classes_per_task = 2
-    config.backbone.name = 'small_cnn'
-    config.backbone.image_size = 16
-    config.train.batch_size = 8
-    config.train.steps_per_task = 3
-    config.train.log_every = 2
-    config.curvature.num_batches = 2
-    config.curvature.batch_size = 8
-    config.replay.buffer_size = 10
-    config.replay.batch_size = 4
-    config.eval.batch_size = 16
-    config.compilation_cache_dir = ''
-    return config
+    return tiny_config(
+        npz_dir,
+        method=method,
+        **{'train.log_every': 2, 'compilation_cache_dir': ''},
+    )
 
 
 @pytest.mark.parametrize(

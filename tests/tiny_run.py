@@ -30,14 +30,19 @@ TINY = {
 }
 
 
-def tiny_config(npz_dir, **overrides):
-    config = class_il.get_config()
-    for key, value in {**TINY, **overrides}.items():
+def set_fields(config, overrides):
+    """Sets `config` fields named by dotted keys ('train.batch_size')."""
+    for key, value in overrides.items():
         node = config
         *path, leaf = key.split('.')
         for name in path:
             node = node[name]
         node[leaf] = value
+    return config
+
+
+def tiny_config(npz_dir, **overrides):
+    config = set_fields(class_il.get_config(), {**TINY, **overrides})
     config.data.npz_dir = str(npz_dir)
     return config
 
