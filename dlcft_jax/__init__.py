@@ -8,18 +8,32 @@ The public API:
 * `create_state`, `begin_task`, `end_task`, `estimate_curvature`, `predict`:
   the task loop around it.
 * `linearize`, `tangent_apply`: the linearized network.
+* `penalty.quadratic_penalty`: the penalty of past tasks as an optax
+  transformation for your own chain; `curvature_kinds`: the curvature values
+  (K-FAC, diagonal) and their estimators (K-FAC, EWC, MAS).
+* `prototypes`: training-free baselines on frozen features (NCM, RanPAC).
 * `losses`, `curvature`, `regularizer`: the maths, as pure functions.
 """
 
 import jax as _jax
 
 from dlcft_jax import curvature
+from dlcft_jax import curvature_kinds
 from dlcft_jax import linearization
 from dlcft_jax import losses
 from dlcft_jax import parallel
+from dlcft_jax import penalty
+from dlcft_jax import prototypes
 from dlcft_jax import regularizer
 from dlcft_jax import train_state
 from dlcft_jax.linearization import linearize, split, merge, tangent_apply
+from dlcft_jax.curvature_kinds import (
+    EWC,
+    KFAC,
+    MAS,
+    DiagonalCurvature,
+    KroneckerCurvature,
+)
 from dlcft_jax.train_state import (
     MethodConfig,
     TrainState,
@@ -37,11 +51,17 @@ __version__ = '0.1.0'
 step = _jax.jit(train_state.step, static_argnames=('axis_name',))
 
 __all__ = [
+    'DiagonalCurvature',
+    'EWC',
+    'KFAC',
+    'KroneckerCurvature',
+    'MAS',
     'MethodConfig',
     'TrainState',
     'begin_task',
     'create_state',
     'curvature',
+    'curvature_kinds',
     'end_task',
     'estimate_curvature',
     'linearization',
@@ -50,7 +70,9 @@ __all__ = [
     'make_optimizer',
     'merge',
     'parallel',
+    'penalty',
     'predict',
+    'prototypes',
     'regularizer',
     'split',
     'step',

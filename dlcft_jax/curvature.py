@@ -280,16 +280,26 @@ def _with_ones(a: jax.Array) -> jax.Array:
     return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], -1)
 
 
-def _per_example_trace(a: jax.Array, g: jax.Array) -> jax.Array:
-    """mean_n ‖Σ_t g_{n,t} a_{n,t}ᵀ‖², by the cheaper of two exact forms."""
+def _example_weights(b: int, weights: Optional[jax.Array], dtype) -> jax.Array:
+    """(B,) example weights (ones when None) and their sum, at least 1e-12."""
+    w = jnp.ones((b,), dtype) if weights is None else weights.astype(dtype)
+    return w, jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def _per_example_trace(
+    a: jax.Array, g: jax.Array, w: jax.Array, norm: jax.Array
+) -> jax.Array:
+    """Σ_n w_n ‖Σ_t g_{n,t} a_{n,t}ᵀ‖² / Σ w, by the cheaper of two exact forms."""
     b, t, p = a.shape
     o = g.shape[-1]
     if p * o <= t * t:
         grad = jnp.einsum('btp,bto->bpo', a, g)
-        return jnp.sum(jnp.square(grad)) / b
-    ga = jnp.einsum('btp,bsp->bts', a, a)
-    gg = jnp.einsum('bto,bso->bts', g, g)
-    return jnp.sum(ga * gg) / b
+        per = jnp.sum(jnp.square(grad), axis=(1, 2))
+    else:
+        ga = jnp.einsum('btp,bsp->bts', a, a)
+        gg = jnp.einsum('bto,bso->bts', g, g)
+        per = jnp.sum(ga * gg, axis=(1, 2))
+    return jnp.sum(w * per) / norm
 
 
 def layer_factors(
@@ -298,6 +308,7 @@ def layer_factors(
     g: jax.Array,
     has_bias: bool,
     with_trace: bool = True,
+    weights: Optional[jax.Array] = None,
 ) -> dict:
     """K-FAC factors of one layer from its input and output gradient.
 
@@ -309,6 +320,8 @@ def layer_factors(
       has_bias: whether the layer's bias is regularized (appends a 1 to a).
       with_trace: also compute the exact per-example Fisher trace (needed only
         by trace-restricted K-FAC; it costs a per-example gradient).
+      weights: optional (B,) example weights (0 for padding rows): every
+        expectation over examples becomes Σ_n w_n (·) / Σ_n w_n.
 
     Returns:
       {'A', 'S'[, 'trace']} for this batch (see the module docstring).
@@ -320,26 +333,28 @@ def layer_factors(
         a = patches(x, spec)
     gm = g.reshape(b, -1, g.shape[-1])
     t = a.shape[1]
+    w, norm = _example_weights(b, weights, a.dtype)
     if spec.kind == 'depthwise':
         c = gm.shape[-1]
         a = a.reshape(b, t, c, -1)
         if has_bias:
             a = _with_ones(a)
-        A = jnp.einsum('btck,btcl->ckl', a, a) / (b * t)
-        S = jnp.einsum('btc,btc->c', gm, gm) / b
+        A = jnp.einsum('b,btck,btcl->ckl', w, a, a) / (norm * t)
+        S = jnp.einsum('b,btc,btc->c', w, gm, gm) / norm
         out = {'A': A, 'S': S}
         if with_trace:
-            out['trace'] = (
-                jnp.sum(jnp.square(jnp.einsum('btck,btc->bck', a, gm))) / b
+            per = jnp.sum(
+                jnp.square(jnp.einsum('btck,btc->bck', a, gm)), axis=(1, 2)
             )
+            out['trace'] = jnp.sum(w * per) / norm
         return out
     if has_bias:
         a = _with_ones(a)
-    A = jnp.einsum('btp,btq->pq', a, a) / (b * t)
-    S = jnp.einsum('bto,btp->op', gm, gm) / b
+    A = jnp.einsum('b,btp,btq->pq', w, a, a) / (norm * t)
+    S = jnp.einsum('b,bto,btp->op', w, gm, gm) / norm
     out = {'A': A, 'S': S}
     if with_trace:
-        out['trace'] = _per_example_trace(a, gm)
+        out['trace'] = _per_example_trace(a, gm, w, norm)
     return out
 
 
@@ -356,7 +371,7 @@ def head_factor(z: jax.Array, weights: Optional[jax.Array] = None) -> jax.Array:
     zb = _with_ones(z)
     if weights is None:
         return zb.T @ zb / z.shape[0]
-    return (zb * weights[:, None]).T @ zb / jnp.maximum(jnp.sum(weights), 1.0)
+    return (zb * weights[:, None]).T @ zb / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
 def pseudo_residual(
@@ -407,6 +422,7 @@ def batch_curvature(
     linearized: bool = True,
     loss: str = 'mse',
     class_mask: Optional[jax.Array] = None,
+    weights: Optional[jax.Array] = None,
     with_trace: bool = False,
     axis_name: Optional[str] = None,
 ) -> Curvature:
@@ -424,6 +440,9 @@ def batch_curvature(
       loss: 'mse' or 'ce' (which pseudo-target distribution, and whether S_head
         is exactly I).
       class_mask: (C,) or (B, C) active outputs.
+      weights: optional (B,) example weights, 0 for padding rows: each
+        statistic is Σ_n w_n (·) / Σ_n w_n (over all devices with
+        `axis_name`), so padding rows do not enter the curvature.
       with_trace: also estimate each layer's Fisher trace (trace-restricted
         K-FAC).
       axis_name: if given, statistics are averaged over this mapped axis.
@@ -467,19 +486,32 @@ def batch_curvature(
     stats = {
         'layers': {
             k: layer_factors(
-                specs[k], inputs[k], grads[k], layers[k][0], with_trace
+                specs[k],
+                inputs[k],
+                grads[k],
+                layers[k][0],
+                with_trace,
+                weights,
             )
             for k in layers
         }
     }
     num_classes = head['kernel'].shape[-1]
+    w, norm = _example_weights(r.shape[0], weights, r.dtype)
     if loss == 'mse':
         s_head = jnp.eye(num_classes, dtype=z.dtype)
     else:
-        s_head = r.T @ r / r.shape[0]
-    stats['head'] = {'A': head_factor(z), 'S': s_head}
+        s_head = (r * w[:, None]).T @ r / norm
+    stats['head'] = {'A': head_factor(z, weights), 'S': s_head}
     if axis_name is not None:
-        stats = jax.lax.pmean(stats, axis_name)
+        if weights is None:  # equal shards: the mean of the devices' means
+            stats = jax.lax.pmean(stats, axis_name)
+        else:  # each device's mean, weighted by its share of Σ w
+            total = jax.lax.psum(jnp.sum(w), axis_name)
+            share = jnp.sum(w) / jnp.maximum(total, 1e-12)
+            stats = jax.lax.psum(
+                jax.tree.map(lambda v: v * share, stats), axis_name
+            )
     return stats
 
 

@@ -69,6 +69,32 @@ def shard_map_step(
     return jax.jit(fn, donate_argnums=(0,) if donate else ())
 
 
+def pmap_curvature_fns(axis_name: str = AXIS) -> dict[str, Callable]:
+    """`estimate_curvature` keyword arguments for a `pmap`-replicated state.
+
+    The per-batch statistics are averaged over devices inside the pmapped
+    `curvature_step` (weighted by each device's Σ weight), and the running
+    sum stays on the devices, one copy of the factors at a time:
+
+        curv = dj.estimate_curvature(state, batches, rng,
+                                     **parallel.pmap_curvature_fns())
+    """
+    return {
+        'stats_fn': jax.pmap(
+            functools.partial(train_state.curvature_step, axis_name=axis_name),
+            axis_name=axis_name,
+            in_axes=(0, 0, None),
+        ),
+        'add_fn': jax.pmap(
+            lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0
+        ),
+        'scale_fn': jax.pmap(
+            lambda a, s: jax.tree.map(lambda x: x * s, a),
+            in_axes=(0, None),
+        ),
+    }
+
+
 def make_mesh(
     devices: Optional[Sequence[jax.Device]] = None, axis_name: str = AXIS
 ) -> Mesh:

@@ -1,49 +1,66 @@
-"""Training state and the per-device DLCFT step.
+"""Training state and the per-device step, built from composable parts.
 
-The state is an explicit pytree (`TrainState`): the trainable parameters
-θ = (Δψ, W, b), the pre-trained backbone variables ψ0, the optimizer state,
-the anchor θ_{t−1} ("centre"), the accumulated curvature, the active-class
-mask and the counters. The network `apply_fn`, the optimizer `tx` and the
-`MethodConfig` are static fields.
+A method is a composition of four parts, each replaceable on its own:
+
+* the **model**: the linearized backbone g_lin(x; ψ0 + Δ) (DLCFT) or the
+  non-linear g(x; ψ0 + Δ), with an exact head f = W z + b;
+* the **loss** of the current task's labels, `loss(logits, labels, *,
+  class_mask, weights)`: the α-scaled one-hot MSE or softmax cross-entropy
+  (`dlcft_jax.losses`), or a user's own; plus two optional data terms that
+  the batch switches on: replayed logits (DER's ‖f − z_stored‖²) and
+  distillation from the previous model (LwF);
+* the **penalty** of past tasks, an optax transformation
+  (`dlcft_jax.penalty.quadratic_penalty`) over a curvature kind
+  (`dlcft_jax.curvature_kinds`: K-FAC, trace-restricted K-FAC, EWC, MAS);
+* the **optimizer**, any optax chain; `make_optimizer` builds the paper's:
+  penalty → clip → coupled L2 → Adam or SGD → per-task linear decay.
+
+`MethodConfig` names a composition (its presets are the paper's methods),
+and `create_state(..., tx=..., loss=...)` accepts a user's own optimizer and
+loss instead. The state is an explicit pytree (`TrainState`).
 
 `step(state, batch, *, axis_name=None)` is pure and per-device. Given an
 `axis_name` it averages gradients and metrics over that mapped axis
 (`jax.lax.pmean`), so the same function runs under `jax.jit` on one device,
 under `jax.pmap`, or inside `jax.shard_map` (see `dlcft_jax.parallel`).
 
-One step of task t (spec §4, §3.5, §8):
+One step of task t with the preset optimizer (paper §3.2, §3.5):
 
-    L   = mean_batch ℓ(f(x; θ), y)                 (MSE or cross-entropy)
-    J   = (L + t·R(θ)) / (t + 1)                    (R: K-FAC penalty;
-                                                     J = L without one)
-    g   = ∇J + κ (θ − θ_{t−1})                      (proximal damping κ)
+    L   = mean_batch ℓ(f(x; θ), y) [+ replay / distillation terms]
+    g   = (∇L + t·H̄(θ − θ_{t−1}))/(t + 1) + κ(θ − θ_{t−1})    (penalty)
     g   ← clip_by_global_norm(g, c)
-    g   ← g + λ θ_decay                             (coupled L2, inside Adam)
+    g   ← g + λ θ                                            (coupled L2)
     θ   ← θ − η_k · adam(g),   η_k = η (1 − k / N_t)
 
-θ_decay is Δψ for the linearized backbone (so L2 pulls toward ψ0, as weight
-decay on the paper's tangent parameters does), ψ0 + Δψ for the non-linear
-network, and (W, b) for the head.
+The optimizer sees θ = (Δψ, W, b) for the linearized backbone (so L2 pulls
+toward ψ0, as weight decay on the paper's tangent parameters does) and
+θ = (ψ0 + Δψ, W, b) for the non-linear network.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
-from dlcft_jax import curvature as curv_lib
+from dlcft_jax import curvature_kinds as kinds
 from dlcft_jax import linearization as lin
 from dlcft_jax import losses
-from dlcft_jax import regularizer as reg_lib
+from dlcft_jax import penalty as pen_lib
 
 Params = Any
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
+LossFn = Callable[..., jax.Array]
+
+REGULARIZERS = ('kfac', 'tkfac', 'ewc', 'mas', 'none')
+DISTILL = ('none', 'kl', 'mse')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +71,22 @@ class MethodConfig:
       linearized: train g_lin (DLCFT) instead of the non-linear network.
       loss: 'mse' (α-scaled one-hot) or 'ce' (softmax cross-entropy).
       alpha: the MSE label scale α.
-      regularizer: 'kfac', 'tkfac' (trace-restricted) or 'none'.
+      regularizer: the curvature kind of the penalty: 'kfac', 'tkfac'
+        (trace-restricted), 'ewc' (diagonal true Fisher), 'mas' (MAS
+        importance) or 'none'.
       proximal: κ of the proximal damping κ(θ − θ_{t−1}) added to the gradient
-        (0 disables it).
-      optimizer: 'adam' or 'sgd' (heavy-ball momentum).
+        (0 disables it; only with a regularizer).
+      distill: LwF's term on the current inputs, weighted like a penalty,
+        (L + t·R)/(t+1): 'kl' (KL of the previous model's softmax to the
+        current one), 'mse' (½‖f − f_old‖²) or 'none'.
+      distill_temperature: softmax temperature of 'kl' (1: the spec's).
+      distill_group_size: > 0: the 'kl' softmax is taken within consecutive
+        blocks of this many outputs (task-IL heads); 0: over all active ones.
+      bn_train: non-linear network only: BatchNorm uses batch statistics and
+        updates its running averages in training (Mammoth's practice; the
+        paper's DLCFT freezes them).
+      optimizer: 'adam' or 'sgd' (heavy-ball momentum; momentum 0 is plain
+        SGD).
       learning_rate: η at the start of each task.
       schedule: 'linear' (to 0 at the end of the task) or 'constant'.
       momentum: SGD momentum.
@@ -74,6 +103,10 @@ class MethodConfig:
     alpha: float = losses.ALPHA
     regularizer: str = 'kfac'
     proximal: float = 1e-4
+    distill: str = 'none'
+    distill_temperature: float = 1.0
+    distill_group_size: int = 0
+    bn_train: bool = False
     optimizer: str = 'adam'
     learning_rate: float = 1e-4
     schedule: str = 'linear'
@@ -93,9 +126,13 @@ class MethodConfig:
                 f"loss must be 'mse' or 'ce', got {self.loss!r}",
             ),
             (
-                self.regularizer in ('kfac', 'tkfac', 'none'),
-                f"regularizer must be 'kfac', 'tkfac' or 'none', got "
+                self.regularizer in REGULARIZERS,
+                f'regularizer must be one of {REGULARIZERS}, got '
                 f'{self.regularizer!r}',
+            ),
+            (
+                self.distill in DISTILL,
+                f'distill must be one of {DISTILL}, got {self.distill!r}',
             ),
             (
                 self.optimizer in ('adam', 'sgd'),
@@ -109,47 +146,107 @@ class MethodConfig:
             (
                 self.weight_decay >= 0
                 and self.proximal >= 0
-                and self.clip_norm >= 0,
-                'weight_decay, proximal and clip_norm must be >= 0',
+                and self.clip_norm >= 0
+                and self.momentum >= 0,
+                'weight_decay, proximal, clip_norm and momentum must be >= 0',
+            ),
+            (
+                self.distill_temperature > 0 and self.distill_group_size >= 0,
+                'distill_temperature must be > 0 and distill_group_size >= 0',
             ),
             (
                 self.grad_mode in ('vjp', 'jvp'),
                 f"grad_mode must be 'vjp' or 'jvp', got {self.grad_mode!r}",
+            ),
+            (
+                not (self.bn_train and self.linearized),
+                'bn_train needs the non-linear network (linearized=False): '
+                'the linearized model is defined at fixed BatchNorm '
+                'statistics',
             ),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f'MethodConfig: {msg}.')
 
+    # -- presets: the paper's methods (spec of the authors' code, §5) --------
+
     @classmethod
     def dlcft(cls, **overrides) -> 'MethodConfig':
-        """Linearized + MSE + K-FAC, Adam 1e-4 (spec §5)."""
+        """Linearized + MSE + K-FAC, Adam 1e-4, L2 1e-5, clip 1, κ 1e-4."""
         return cls(**overrides)
 
     @classmethod
     def finetune(cls, **overrides) -> 'MethodConfig':
         """Plain fine-tuning: non-linear network, cross-entropy, no penalty,
-        SGD momentum 0.9, lr 1e-3 (the paper's non-linear baselines, spec §5)."""
-        kw = dict(
+        SGD momentum 0.9, lr 1e-3 (the paper's non-linear baselines)."""
+        return cls._nonlinear(dict(loss='ce', regularizer='none'), overrides)
+
+    @classmethod
+    def finetune_mse(cls, **overrides) -> 'MethodConfig':
+        """Fine-tuning of the non-linear network with the α-MSE loss."""
+        return cls._nonlinear(dict(loss='mse', regularizer='none'), overrides)
+
+    @classmethod
+    def ewc(cls, **overrides) -> 'MethodConfig':
+        """EWC (Kirkpatrick et al., 2017) as in the authors' code: diagonal
+        true Fisher, (L + t·R)/(t+1), non-linear + SCE, SGD 0.9, lr 1e-3."""
+        return cls._nonlinear(dict(loss='ce', regularizer='ewc'), overrides)
+
+    @classmethod
+    def mas(cls, **overrides) -> 'MethodConfig':
+        """MAS (Aljundi et al., 2018): Ω = E|∂‖f‖²/∂θ|, same weighting and
+        optimizer as EWC."""
+        return cls._nonlinear(dict(loss='ce', regularizer='mas'), overrides)
+
+    @classmethod
+    def lwf(cls, **overrides) -> 'MethodConfig':
+        """LwF (Li & Hoiem, 2016) as in the authors' code: KL to the
+        previous model's softmax on the current inputs, weight t,
+        (L + t·R)/(t+1); non-linear + SCE, SGD 0.9, lr 1e-3. With
+        loss='mse' the term is ½‖f − f_old‖² (distill='mse')."""
+        kw = dict(loss='ce', regularizer='none', distill='kl')
+        if overrides.get('loss') == 'mse':
+            kw['distill'] = 'mse'
+        return cls._nonlinear(kw, overrides)
+
+    @classmethod
+    def osla(cls, **overrides) -> 'MethodConfig':
+        """OSLA (Ritter et al., 2018), the K-FAC Laplace penalty of the
+        non-linear network with SCE: the authors' METHOD='KFAC',
+        LINEARIZED=False, LOSS_FN='SCE'; SGD 0.9, lr 1e-3."""
+        return cls._nonlinear(dict(loss='ce', regularizer='kfac'), overrides)
+
+    @classmethod
+    def _nonlinear(cls, kw: dict, overrides: dict) -> 'MethodConfig':
+        base = dict(
             linearized=False,
-            loss='ce',
-            regularizer='none',
-            proximal=0.0,
             optimizer='sgd',
             learning_rate=1e-3,
+            proximal=1e-4 if kw.get('regularizer', 'none') != 'none' else 0.0,
         )
-        kw.update(overrides)
-        return cls(**kw)
+        base.update(kw)
+        base.update(overrides)
+        return cls(**base)
+
+
+def curvature_kind(config: MethodConfig) -> Optional[kinds.CurvatureKind]:
+    """The `curvature_kinds` estimator of `config.regularizer` (None: none)."""
+    if config.regularizer == 'none':
+        return None
+    return kinds.KINDS[config.regularizer](config.regularize_head)
 
 
 def make_optimizer(config: MethodConfig) -> optax.GradientTransformation:
-    """Clip → coupled L2 → Adam/momentum; the step applies −η_k itself.
+    """The paper's chain: penalty → clip → coupled L2 → Adam/SGD → −η_k.
 
-    The learning rate is left out of `tx` because its schedule depends on the
-    per-task step count N_t, which is a dynamic value in the state (a new task
-    with another N_t must not trigger a recompilation).
+    The penalty link is present when `config.regularizer` is not 'none';
+    its curvature is filled in by `create_state`.
     """
     parts = []
+    kind = curvature_kind(config)
+    if kind is not None:
+        parts.append(pen_lib.quadratic_penalty(kind, proximal=config.proximal))
     if config.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(config.clip_norm))
     if config.weight_decay > 0:
@@ -158,27 +255,50 @@ def make_optimizer(config: MethodConfig) -> optax.GradientTransformation:
         parts.append(optax.scale_by_adam(config.b1, config.b2, config.eps))
     elif config.momentum > 0:
         parts.append(optax.trace(decay=config.momentum))
-    return optax.chain(*parts) if parts else optax.identity()
+    parts.append(
+        pen_lib.per_task_schedule(config.learning_rate, config.schedule)
+    )
+    return optax.chain(*parts)
+
+
+def default_loss(config: MethodConfig) -> LossFn:
+    """`loss(logits, labels, *, class_mask, weights)` of `config.loss`."""
+    fn = losses.loss_fn(config.loss)
+
+    def loss(logits, labels, *, class_mask=None, weights=None):
+        return fn(
+            logits,
+            labels,
+            alpha=config.alpha,
+            class_mask=class_mask,
+            weights=weights,
+        )
+
+    return loss
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """Everything a DLCFT run carries between steps (a pytree).
+    """Everything a run carries between steps (a pytree).
 
     Attributes:
       step: int32, steps taken in the current task.
-      task: int32, t: the number of tasks finished (the penalty weight).
+      task: int32, t: the number of tasks finished.
       num_steps: int32, N_t, the length of the current task's schedule.
       params: {'backbone': Δψ (trainable sub-tree of ψ0), 'head': {'kernel'
         (D, C), 'bias' (C,)}}.
-      centre: θ_{t−1}, same structure as `params`.
-      opt_state: the optimizer state.
-      curvature: {'layers': {key: {'A', 'S', 'trace'}}, 'head': {'A', 'S'}},
-        the running average over finished tasks ({} without a regularizer).
+      centre: θ_{t−1} (the model at the end of the previous task: LwF's
+        teacher), same structure as `params`.
+      opt_state: the optimizer state; holds the `penalty.PenaltyState`
+        (anchor, accumulated curvature, task count) when there is a penalty.
       class_mask: (C,) float32, 1 for active outputs.
-      params0: the full pre-trained backbone variables ψ0.
+      params0: the full pre-trained backbone variables ψ0 (with `bn_train`
+        its BatchNorm statistics are updated by training).
       apply_fn: static, the backbone `apply_fn(variables, x) -> features`.
-      tx: static, see `make_optimizer`.
+      tx: static, the optax transformation.
       config: static `MethodConfig`.
+      loss_fn: static, `loss(logits, labels, *, class_mask, weights)`.
+      train_apply_fn: static, `(variables, x) -> (features, {'batch_stats':
+        ...})` in training mode (only for `config.bn_train`).
     """
 
     step: jax.Array
@@ -187,12 +307,48 @@ class TrainState(flax.struct.PyTreeNode):
     params: Params
     centre: Params
     opt_state: Any
-    curvature: Any
     class_mask: jax.Array
     params0: Params
     apply_fn: Callable[..., jax.Array] = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     config: MethodConfig = flax.struct.field(pytree_node=False)
+    loss_fn: LossFn = flax.struct.field(pytree_node=False, default=None)
+    train_apply_fn: Optional[Callable[..., Any]] = flax.struct.field(
+        pytree_node=False, default=None
+    )
+
+    @property
+    def curvature(self) -> Optional[kinds.Curvature]:
+        """H̄, the accumulated curvature of the penalty (None without one)."""
+        state = pen_lib.find(self.opt_state)
+        return None if state is None else state.curvature
+
+    @property
+    def penalty_state(self) -> Optional[pen_lib.PenaltyState]:
+        return pen_lib.find(self.opt_state)
+
+
+def _warn_unregularized(params: Params, curvature) -> None:
+    """Warns about trainable leaves that a K-FAC penalty does not cover."""
+    if not isinstance(curvature, kinds.KroneckerCurvature):
+        return
+    flat = traverse_util.flatten_dict(dict(params['backbone']))
+    covered = set()
+    for key in curvature.layers:
+        mpath = tuple(key.split('/')) if key else ()
+        for prefix in ((), ('params',)):
+            covered.add(prefix + mpath + ('kernel',))
+            covered.add(prefix + mpath + ('bias',))
+    left = ['/'.join(k) for k in flat if k not in covered]
+    if left:
+        warnings.warn(
+            f'{len(left)} trainable backbone leaves get no K-FAC block and so '
+            f'no penalty (e.g. {", ".join(left[:3])}): K-FAC covers the '
+            'kernels and biases of Dense / Conv / depthwise layers only. '
+            "Use trainable=None (the default: BatchNorm frozen) or a diagonal "
+            "regularizer ('ewc', 'mas') to regularize every leaf.",
+            stacklevel=3,
+        )
 
 
 def create_state(
@@ -202,9 +358,12 @@ def create_state(
     num_classes: int,
     example_input: jax.Array,
     config: MethodConfig = MethodConfig(),
+    tx: Optional[optax.GradientTransformation] = None,
+    loss: Optional[LossFn] = None,
     trainable: Any = None,
     head: Optional[Params] = None,
     num_steps: int = 1,
+    train_apply_fn: Optional[Callable[..., Any]] = None,
 ) -> TrainState:
     """Builds the initial state: Δψ = 0, a zero head (unless given), t = 0.
 
@@ -216,19 +375,41 @@ def create_state(
         `class_mask` for a growing head).
       example_input: an input batch of the shape the step will see (only its
         shape and dtype are used).
-      config: the method.
+      config: the method (model, loss, regularizer, optimizer settings).
+      tx: your own optax transformation instead of `make_optimizer(config)`;
+        put `penalty.quadratic_penalty(kind)` first in it for a penalty of
+        past tasks (its curvature is filled in here). The updates it returns
+        are added to the parameters (optax's convention: include the
+        learning rate and its sign).
+      loss: your own `loss(logits, labels, *, class_mask, weights)` (a
+        weighted mean over the batch) instead of `config.loss`.
       trainable: which backbone leaves are trained, see `linearize.split`.
       head: an initial head {'kernel': (D, C), 'bias': (C,)}; zeros if None
         (the paper's class-IL choice, which also keeps the rows of unseen
         classes at their anchor 0).
       num_steps: N_0 for the first task's schedule.
+      train_apply_fn: with `config.bn_train`, the backbone in training mode,
+        `(variables, x) -> (features, {'batch_stats': new statistics})`.
 
     Returns:
       The `TrainState`.
     """
+    if config.bn_train and train_apply_fn is None:
+        raise ValueError(
+            'MethodConfig.bn_train needs train_apply_fn: the backbone in '
+            "training mode, e.g. lambda v, x: net.apply(v, x, train=True, "
+            "mutable=['batch_stats'])."
+        )
     # Own copies on the device: steps that donate the state then never
     # invalidate the caller's pre-trained variables.
     params0 = jax.tree.map(jnp.array, params0)
+    if trainable == 'all':
+        # Every weight, never the BatchNorm statistics (they are not
+        # parameters; `bn_train` updates them).
+        trainable = lambda path, flat: path[0] == 'params' or (
+            path[0] not in lin._COLLECTIONS  # pylint: disable=protected-access
+            and 'batch_stats' not in path
+        )
     delta = lin.zeros_like_trainable(params0, trainable)
     feat = jax.eval_shape(apply_fn, params0, example_input)
     if len(feat.shape) != 2:
@@ -247,25 +428,8 @@ def create_state(
             f"{head['kernel'].shape}."
         )
     params = {'backbone': delta, 'head': head}
-    if config.regularizer == 'none':
-        curvature = {}
-    else:
-        shapes = jax.eval_shape(
-            lambda: curv_lib.batch_curvature(
-                apply_fn,
-                params0,
-                delta,
-                head,
-                example_input,
-                jax.random.key(0),
-                linearized=config.linearized,
-                loss=config.loss,
-                with_trace=config.regularizer == 'tkfac',
-            )
-        )
-        curvature = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    tx = make_optimizer(config)
-    return TrainState(
+    tx = make_optimizer(config) if tx is None else tx
+    state = TrainState(
         step=jnp.zeros((), jnp.int32),
         task=jnp.zeros((), jnp.int32),
         num_steps=jnp.asarray(num_steps, jnp.int32),
@@ -273,14 +437,24 @@ def create_state(
         # A copy, not the same buffers: a step that donates its input state
         # must not see one buffer twice.
         centre=_copy(params),
-        opt_state=tx.init(params),
-        curvature=curvature,
+        opt_state=None,
         class_mask=jnp.ones((num_classes,), jnp.float32),
         params0=params0,
         apply_fn=apply_fn,
         tx=tx,
         config=config,
+        loss_fn=default_loss(config) if loss is None else loss,
+        train_apply_fn=train_apply_fn,
     )
+    opt_state = tx.init(optimizer_params(state, params))
+    pen = pen_lib.find(opt_state)
+    if pen is not None and pen.curvature is None:
+        example = {'image': example_input}
+        zero = kinds.zeros(pen.kind, state, example)
+        opt_state = pen_lib.with_curvature(opt_state, zero)
+        _warn_unregularized(params, zero)
+    opt_state = pen_lib.set_num_steps(opt_state, num_steps)
+    return state.replace(opt_state=opt_state)
 
 
 def _copy(tree: Params) -> Params:
@@ -302,25 +476,29 @@ def features(state: TrainState, params: Params, x: jax.Array) -> jax.Array:
     )
 
 
-def apply_model(state: TrainState, params: Params, x: jax.Array) -> jax.Array:
-    """f = W̄ᵀ[z; 1], the head kept exact on top of the (linearized) backbone."""
-    z = features(state, params, x)
+def head_apply(params: Params, z: jax.Array) -> jax.Array:
+    """f = W z + b."""
     return z @ params['head']['kernel'] + params['head']['bias']
 
 
-def learning_rate(state: TrainState) -> jax.Array:
-    """η_k = η·(1 − k/N_t) (linear decay to 0 within each task) or η."""
-    lr = state.config.learning_rate
-    if state.config.schedule == 'constant':
-        return jnp.asarray(lr, jnp.float32)
-    frac = state.step.astype(jnp.float32) / jnp.maximum(
-        state.num_steps.astype(jnp.float32), 1.0
+def apply_model(state: TrainState, params: Params, x: jax.Array) -> jax.Array:
+    """f = W̄ᵀ[z; 1], the head kept exact on top of the (linearized) backbone."""
+    return head_apply(params, features(state, params, x))
+
+
+def _train_forward(state: TrainState, params: Params, x: jax.Array):
+    """(logits, new BatchNorm statistics or None) of a training step."""
+    if not state.config.bn_train:
+        return apply_model(state, params, x), None
+    z, mutated = state.train_apply_fn(
+        lin.shift(state.params0, params['backbone']), x
     )
-    return lr * jnp.clip(1.0 - frac, 0.0, 1.0)
+    return head_apply(params, z), mutated['batch_stats']
 
 
-def _decay_params(state: TrainState, params: Params) -> Params:
-    """What coupled L2 pulls toward 0: Δψ (linearized) or ψ0 + Δψ."""
+def optimizer_params(state: TrainState, params: Params) -> Params:
+    """What the optimizer (penalty, coupled L2) sees: Δψ (linearized, so L2
+    pulls toward ψ0) or ψ0 + Δψ (non-linear), and the head."""
     if state.config.linearized:
         return params
     train0 = lin.select(state.params0, params['backbone'])
@@ -330,6 +508,43 @@ def _decay_params(state: TrainState, params: Params) -> Params:
     }
 
 
+def learning_rate(state: TrainState) -> jax.Array:
+    """η of the next step (NaN for a user optimizer without a schedule part)."""
+    lr = pen_lib.learning_rate(state.opt_state)
+    return jnp.asarray(jnp.nan if lr is None else lr, jnp.float32)
+
+
+def distill_loss(
+    logits: jax.Array,
+    teacher: jax.Array,
+    mask: jax.Array,
+    *,
+    kind: str,
+    temperature: float = 1.0,
+    group_size: int = 0,
+    weights: Optional[jax.Array] = None,
+) -> jax.Array:
+    """LwF's term on the outputs of old classes (`mask` (B, C), 1 = old).
+
+    'kl': KL(softmax(f_old/T) ‖ softmax(f/T)) over the masked outputs (within
+    blocks of `group_size` outputs when > 0, summed over the blocks that have
+    old outputs); 'mse': ½ Σ_c m_c (f_c − f_old,c)². Mean over the batch.
+    """
+    teacher = jax.lax.stop_gradient(teacher)
+    if kind == 'mse':
+        per = 0.5 * jnp.sum(mask * jnp.square(logits - teacher), axis=-1)
+        return losses._mean(per, weights)  # pylint: disable=protected-access
+    b, c = logits.shape
+    g = group_size if group_size > 0 else c
+    shape = (b, c // g, g)
+    s, t, m = (v.reshape(shape) for v in (logits, teacher, mask))
+    log_q = jax.nn.log_softmax(losses.masked_logits(s / temperature, m), -1)
+    log_p = jax.nn.log_softmax(losses.masked_logits(t / temperature, m), -1)
+    kl = jnp.sum(m * jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    per = jnp.sum(kl * (jnp.sum(m, axis=-1) > 0), axis=-1)
+    return losses._mean(per, weights)  # pylint: disable=protected-access
+
+
 def step(
     state: TrainState, batch: Batch, *, axis_name: Optional[str] = None
 ) -> tuple[TrainState, Metrics]:
@@ -337,96 +552,107 @@ def step(
 
     Args:
       state: the `TrainState`.
-      batch: {'image': inputs for `apply_fn`, 'label': (B,) int32}, optionally
-        'class_mask' (B, C) (per-example active outputs, e.g. task-IL heads)
-        and 'weight' (B,) example weights.
+      batch: {'image': inputs for `apply_fn`, 'label': (B,) int32} and
+        optionally:
+        'class_mask' (B, C): per-example active outputs (task-IL heads);
+        'weight' (B,): example weights (the means below become weighted);
+        'label_scale' (B,): s_n, the label loss becomes mean_n s_n ℓ_n (DER
+          and DER++ weigh current and replayed rows with it);
+        'logit_target' (B, C) and 'logit_scale' (B,): adds mean_n u_n ·
+          mean_c (f_nc − z_nc)² (DER's term on logits stored at insertion);
+        'distill_mask' (B, C): the old outputs for `config.distill` (LwF).
       axis_name: the mapped axis to average gradients and metrics over, when
         the step runs under `pmap` or `shard_map`; None on one device.
 
     Returns:
       (new_state, metrics): metrics is a flat dict of scalars: 'loss' (the
-      objective J_t), 'data_loss' (L_t), 'penalty' (R), 'accuracy',
-      'grad_norm' (before clipping), 'learning_rate'.
+      objective J_t), 'data_loss' (L_t), 'penalty' (R: the quadratic penalty
+      or LwF's distillation term), 'accuracy', 'grad_norm' (of the gradient
+      given to the optimizer), 'learning_rate'.
     """
     cfg = state.config
-    labels = batch['label']
+    x, labels = batch['image'], batch['label']
     class_mask = batch.get('class_mask', state.class_mask)
     weights = batch.get('weight')
-    loss_fn = losses.loss_fn(cfg.loss)
+    t = state.task.astype(jnp.float32)
+    n = labels.shape[0]
 
-    def data_loss(params):
-        logits = apply_model(state, params, batch['image'])
-        return loss_fn(
-            logits,
-            labels,
-            alpha=cfg.alpha,
-            class_mask=class_mask,
-            weights=weights,
-        ), logits
+    if cfg.distill != 'none':
+        # The previous model's outputs; skipped at t = 0 (weight t = 0).
+        num_out = state.class_mask.shape[0]
+        teacher = jax.lax.cond(
+            state.task > 0,
+            lambda: apply_model(state, state.centre, x),
+            lambda: jnp.zeros((n, num_out), jnp.float32),
+        )
 
-    (loss_t, logits), grads = jax.value_and_grad(data_loss, has_aux=True)(
-        state.params
-    )
+    def objective(params):
+        logits, stats = _train_forward(state, params, x)
+        scale = batch.get('label_scale')
+        if scale is None:
+            data = state.loss_fn(
+                logits, labels, class_mask=class_mask, weights=weights
+            )
+        else:
+            w = scale if weights is None else scale * weights
+            norm = n if weights is None else jnp.sum(weights)
+            data = state.loss_fn(
+                logits, labels, class_mask=class_mask, weights=w
+            ) * (jnp.sum(w) / jnp.maximum(norm, 1e-12))
+        if 'logit_target' in batch:
+            sq = jnp.mean(jnp.square(logits - batch['logit_target']), -1)
+            data = data + losses._mean(  # pylint: disable=protected-access
+                batch['logit_scale'] * sq, weights
+            )
+        reg = jnp.zeros((), jnp.float32)
+        total = data
+        if cfg.distill != 'none':
+            reg = distill_loss(
+                logits,
+                teacher,
+                batch['distill_mask'],
+                kind=cfg.distill,
+                temperature=cfg.distill_temperature,
+                group_size=cfg.distill_group_size,
+                weights=weights,
+            )
+            total = (data + t * reg) / (t + 1.0)
+        return total, (logits, data, reg, stats)
+
+    (total, (logits, data, reg, stats)), grads = jax.value_and_grad(
+        objective, has_aux=True
+    )(state.params)
     acc = losses.accuracy(
         logits, labels, class_mask=class_mask, weights=weights
     )
     if axis_name is not None:
-        grads, loss_t, acc = jax.lax.pmean((grads, loss_t, acc), axis_name)
-
-    t = state.task.astype(jnp.float32)
-    if cfg.regularizer != 'none':
-        restricted = cfg.regularizer == 'tkfac'
-
-        def with_penalty():
-            return reg_lib.penalty_value_and_grad(
-                state.params,
-                state.centre,
-                state.curvature,
-                restricted=restricted,
-                with_head=cfg.regularize_head,
-            )
-
-        def without_penalty():
-            return (
-                jnp.zeros((), jnp.float32),
-                jax.tree.map(jnp.zeros_like, state.params),
-            )
-
-        # Task 0 has no past: skip the penalty's matrix products entirely.
-        pen, pen_grads = jax.lax.cond(
-            state.task > 0, with_penalty, without_penalty
+        grads, total, data, reg, acc = jax.lax.pmean(
+            (grads, total, data, reg, acc), axis_name
         )
-        grads = jax.tree.map(
-            lambda g, h: (g + t * h) / (t + 1.0), grads, pen_grads
-        )
-        objective = reg_lib.task_objective(loss_t, pen, t)
-    else:
-        # Without a penalty there is no past to weigh against: J_t = L_t.
-        pen = jnp.zeros((), jnp.float32)
-        objective = loss_t
+        if stats is not None:
+            stats = jax.lax.pmean(stats, axis_name)
 
-    if cfg.proximal > 0:
-        grads = jax.tree.map(
-            lambda g, p, c: g + cfg.proximal * (p - c),
-            grads,
-            state.params,
-            state.centre,
-        )
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = state.tx.update(
-        grads, state.opt_state, _decay_params(state, state.params)
-    )
     lr = learning_rate(state)
-    params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
+    opt_params = optimizer_params(state, state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, opt_params)
+    params = optax.apply_updates(state.params, updates)
+    pen = pen_lib.find(opt_state)
+    if pen is not None:
+        reg = pen.last_value
+        total = (data + t * reg) / (t + 1.0)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state
     )
+    if stats is not None:
+        new_state = new_state.replace(
+            params0={**state.params0, 'batch_stats': stats}
+        )
     metrics = {
-        'loss': objective,
-        'data_loss': loss_t,
-        'penalty': pen,
+        'loss': total,
+        'data_loss': data,
+        'penalty': reg,
         'accuracy': acc,
-        'grad_norm': grad_norm,
+        'grad_norm': optax.tree.norm(grads),
         'learning_rate': lr,
     }
     return new_state, metrics
@@ -437,11 +663,12 @@ def begin_task(
 ) -> TrainState:
     """Starts a task: fresh optimizer moments, schedule of N_t steps.
 
-    The anchor θ_{t−1} is the current parameters (set by `end_task`, or the
-    initial ones for the first task). `class_mask` activates the outputs of
-    the classes seen so far (class-IL) and keeps the shape of the head fixed,
-    so no step is recompiled when classes arrive; the rows of new classes are
-    still at their anchor 0 and share the head curvature (spec §3.4).
+    The penalty's state (anchor θ_{t−1}, curvature, task count) is carried
+    over into the fresh optimizer state. `class_mask` activates the outputs
+    of the classes seen so far (class-IL) and keeps the shape of the head
+    fixed, so no step is recompiled when classes arrive; the rows of new
+    classes are still at their anchor 0 and share the head curvature (paper
+    §3.4).
 
     Args:
       state: the state after the previous task.
@@ -460,10 +687,13 @@ def begin_task(
             state.class_mask.shape
         )
     )
+    fresh = state.tx.init(optimizer_params(state, state.params))
+    opt_state = pen_lib.carry_over(fresh, state.opt_state)
+    opt_state = pen_lib.set_num_steps(opt_state, num_steps)
     return state.replace(
         step=jnp.zeros((), jnp.int32),
         num_steps=jnp.asarray(num_steps, jnp.int32),
-        opt_state=state.tx.init(state.params),
+        opt_state=opt_state,
         class_mask=mask,
     )
 
@@ -474,25 +704,24 @@ def curvature_step(
     rng: jax.Array,
     *,
     axis_name: Optional[str] = None,
-) -> curv_lib.Curvature:
-    """K-FAC and head statistics of one batch at the current parameters."""
-    return curv_lib.batch_curvature(
-        state.apply_fn,
-        state.params0,
-        state.params['backbone'],
-        state.params['head'],
-        batch['image'],
-        rng,
-        linearized=state.config.linearized,
-        loss=state.config.loss,
-        class_mask=batch.get('class_mask', state.class_mask),
-        with_trace=state.config.regularizer == 'tkfac',
-        axis_name=axis_name,
-    )
+) -> kinds.Curvature:
+    """The penalty's curvature of one batch at the current parameters.
+
+    `batch` may carry 'weight' (B,) (0 for padding rows: they do not enter
+    the statistics) and 'class_mask'.
+    """
+    pen = pen_lib.find(state.opt_state)
+    if pen is None:
+        raise ValueError(
+            'This state has no penalty (regularizer none, or a user tx without '
+            'penalty.quadratic_penalty): there is no curvature to estimate.'
+        )
+    return pen.kind.batch(state, batch, rng, axis_name=axis_name)
 
 
 _curvature_step_jit = jax.jit(curvature_step)
 _add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+_scale = jax.jit(lambda a, s: jax.tree.map(lambda x: x * s, a))
 
 
 def estimate_curvature(
@@ -500,47 +729,49 @@ def estimate_curvature(
     batches: Iterable[Batch],
     rng: jax.Array,
     stats_fn: Optional[Callable[..., Any]] = None,
-) -> curv_lib.Curvature:
+    *,
+    add_fn: Optional[Callable[[Any, Any], Any]] = None,
+    scale_fn: Optional[Callable[[Any, float], Any]] = None,
+) -> kinds.Curvature:
     """Averages `curvature_step` over batches of the task just trained.
 
     Args:
       state: the state at the end of the task.
       batches: an iterable of batches (the paper uses 1000 batches of 64 with
-        training augmentation).
+        training augmentation); a 'weight' of 0 marks padding rows.
       rng: PRNG key; folded with the batch index for the pseudo-targets.
-      stats_fn: the per-batch function (default: jitted `curvature_step`; a
-        pmapped version for several devices).
+      stats_fn: the per-batch function (default: jitted `curvature_step`;
+        `parallel.pmap_curvature_fns` gives the pmapped set).
+      add_fn, scale_fn: how two statistics are added and one is scaled
+        (default: jitted tree maps; pmapped ones for replicated states).
 
     Returns:
-      The task's curvature statistics (same structure as `state.curvature`).
+      The task's curvature (the kind's value type).
     """
     fn = stats_fn or _curvature_step_jit
+    add, scale = add_fn or _add, scale_fn or _scale
     total, n = None, 0
     for i, batch in enumerate(batches):
         stats = fn(state, batch, jax.random.fold_in(rng, i))
-        total = stats if total is None else _add(total, stats)
+        total = stats if total is None else add(total, stats)
         n += 1
     if n == 0:
         raise ValueError('estimate_curvature got no batches.')
-    return jax.tree.map(lambda x: x / n, total)
+    return scale(total, 1.0 / n)
 
 
 def end_task(
-    state: TrainState, task_curvature: Optional[curv_lib.Curvature]
+    state: TrainState, task_curvature: Optional[kinds.Curvature]
 ) -> TrainState:
-    """Finishes task t: H̄ ← (t·H̄ + H_t)/(t+1), θ_t becomes the anchor, t += 1."""
-    curvature = state.curvature
-    if state.config.regularizer != 'none':
-        if task_curvature is None:
-            raise ValueError(
-                'end_task needs the task curvature when the method '
-                'has a regularizer.'
-            )
-        curvature = curv_lib.accumulate(
-            state.curvature, task_curvature, state.task
+    """Finishes task t: H̄ ← (t·H̄ + H_t)/(t+1), θ_t becomes the anchor and
+    LwF's teacher, t += 1."""
+    opt_state = state.opt_state
+    if pen_lib.find(opt_state) is not None:
+        opt_state = pen_lib.end_task(
+            opt_state, optimizer_params(state, state.params), task_curvature
         )
     return state.replace(
-        curvature=curvature, centre=_copy(state.params), task=state.task + 1
+        opt_state=opt_state, centre=_copy(state.params), task=state.task + 1
     )
 
 

@@ -553,6 +553,34 @@ def _seconds(value: Any) -> str:
     return '-' if value is None else f'{float(value):.1f}'
 
 
+def joint_summary(results: Mapping[str, Any]) -> str:
+    """The summary of a joint-training run: one model, its accuracy per task.
+
+    Joint training has no sequence of models, so there is no matrix, no
+    forgetting and no plot; `results['accuracy_matrix']` holds one row.
+    """
+    row = results['accuracy_matrix'][0]
+    per = (results.get('per_task') or [{}])[0]
+    lines = [
+        f"joint training ({results.get('setting')}, {results.get('method')}"
+        f"): one model on the union of {len(row)} tasks, "
+        f"{per.get('steps', '?')} steps",
+        'task  final %',
+    ]
+    lines += [
+        f'{j + 1:<5} {"-" if a is None else f"{a:7.2f}"}'
+        for j, a in enumerate(row)
+    ]
+    avg = results.get('average_accuracy')
+    lines.append(
+        f'average accuracy {avg:.2f}% | wall time '
+        f"{results.get('wall_time_s', 0.0):.0f} s"
+        if avg is not None
+        else 'average accuracy -'
+    )
+    return '\n'.join(lines)
+
+
 def summary_table(results: Mapping[str, Any]) -> str:
     """Renders a `results.json` dict as a plain-text table for a terminal.
 

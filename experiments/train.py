@@ -57,12 +57,13 @@ import orbax.checkpoint as ocp
 import dlcft_jax as dj
 from dlcft_jax import losses, parallel
 from dlcft_jax import metrics as metrics_lib
+from dlcft_jax import prototypes
 from dlcft_jax.data import ReplayBuffer
-from experiments import datasets, reporting
+from experiments import datasets, methods, reporting
 
-SETTINGS = ('class_il', 'task_il', 'data_il')
+SETTINGS = methods.SETTINGS
 RESNETS = ('cifar_resnet18', 'resnet18', 'resnet50')
-METHODS = ('dlcft', 'finetune')
+METHODS = tuple(methods.METHODS)
 AXIS = parallel.AXIS
 
 # Streams of the counter-based host RNG: default_rng([seed, STREAM, t, k]).
@@ -123,7 +124,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         'config.train.log_every and config.eval.batch_size must be >= 1.',
     )
     need(
-        config.replay.buffer_size >= 0 and config.replay.batch_size >= 0,
+        (config.replay.buffer_size is None or config.replay.buffer_size >= 0)
+        and config.replay.batch_size >= 0,
         'config.replay.buffer_size and config.replay.batch_size must be >= 0.',
     )
     need(
@@ -148,10 +150,27 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         and config.checkpoint.max_to_keep >= 1,
         'config.checkpoint.every_steps must be >= 0 and max_to_keep >= 1.',
     )
+    method = methods.get(config.method)
     need(
-        config.setting != 'task_il' or _replay_batch(config) == 0,
-        'Replay is not available for task-IL (its heads are per task); set '
-        'config.replay.buffer_size=0.',
+        not method.needs_buffer or _replay_batch(config) > 0,
+        f'config.method={config.method!r} replays from a buffer; set '
+        'config.replay.buffer_size and config.replay.batch_size > 0 (e.g. '
+        '200 and 32, Mammoth\'s defaults).',
+    )
+    need(
+        config.replay.insert in (None, 'stream', 'task_end'),
+        "config.replay.insert must be None (the method's), 'stream' or "
+        "'task_end'.",
+    )
+    need(
+        config.baselines.ncm_metric in prototypes.NCM_METRICS,
+        f'config.baselines.ncm_metric must be one of {prototypes.NCM_METRICS}.',
+    )
+    need(
+        config.baselines.ranpac_dim >= 1
+        and 0 < config.baselines.ranpac_holdout < 1,
+        'config.baselines.ranpac_dim must be >= 1 and ranpac_holdout in '
+        '(0, 1).',
     )
     groups = config.data.class_groups
     if groups is not None:
@@ -173,11 +192,11 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
 def _check_devices(config: ml_collections.ConfigDict) -> None:
     """The global batches must split evenly over all devices."""
     n = jax.device_count()
-    per_step = config.train.batch_size + _replay_batch(config)
+    per_step = config.train.batch_size + _replay_rows(config)
     if per_step % n:
         raise ConfigError(
-            f'The global batch train.batch_size + replay.batch_size = '
-            f'{per_step} does not divide by the {n} devices; choose sizes '
+            f'The global batch train.batch_size + replayed rows '
+            f'(replay.batch_size, twice for derpp) = {per_step} does not divide by the {n} devices; choose sizes '
             f'whose sum is a multiple of {n}.'
         )
     if config.curvature.batch_size % n:
@@ -187,35 +206,79 @@ def _check_devices(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def buffer_size(config) -> int:
+    """The reservoir's capacity: the config's, or the setting's default
+    (200 in class-IL and for the buffer methods, else 0)."""
+    if config.replay.buffer_size is not None:
+        return config.replay.buffer_size
+    method = methods.get(config.method)
+    if method.replay == 'none' or method.joint or method.training_free:
+        return 0
+    return 200 if config.setting == 'class_il' or method.needs_buffer else 0
+
+
 def _replay_batch(config) -> int:
-    """Replayed examples per step (0 when replay is off)."""
-    if config.replay.buffer_size == 0 or config.replay.batch_size == 0:
+    """Replayed examples per draw (0 when replay is off)."""
+    method = methods.get(config.method)
+    if method.replay == 'none' or method.joint or method.training_free:
+        return 0
+    if buffer_size(config) == 0 or config.replay.batch_size == 0:
         return 0
     return config.replay.batch_size
 
 
+def _replay_rows(config) -> int:
+    """Replayed rows per step: one draw, two for DER++."""
+    r = _replay_batch(config)
+    return 2 * r if methods.get(config.method).replay == 'derpp' else r
+
+
+def _insert_mode(config) -> str:
+    return config.replay.insert or methods.get(config.method).insert
+
+
 def method_config(config: ml_collections.ConfigDict) -> dj.MethodConfig:
     """The `MethodConfig` of `config.method`, with the config's overrides."""
+    method = methods.get(config.method)
     o = config.optim
-    overrides: dict[str, Any] = dict(
-        weight_decay=o.weight_decay,
-        clip_norm=o.clip_norm,
-        schedule=o.schedule,
-        alpha=o.alpha,
-    )
+    overrides: dict[str, Any] = dict(alpha=o.alpha)
     for key, name in (
         ('optimizer', 'name'),
         ('learning_rate', 'learning_rate'),
         ('proximal', 'proximal'),
+        ('weight_decay', 'weight_decay'),
+        ('clip_norm', 'clip_norm'),
+        ('schedule', 'schedule'),
     ):
         if o[name] is not None:
             overrides[key] = o[name]
-    if config.method == 'dlcft':
-        overrides['regularizer'] = config.curvature.kind
-        # Task-IL heads are separate per task and not regularized (spec §3.3).
-        overrides['regularize_head'] = config.setting != 'task_il'
-        return dj.MethodConfig.dlcft(**overrides)
-    return dj.MethodConfig.finetune(**overrides)
+    if method.adam and o.learning_rate is None and o.adam_learning_rate:
+        overrides['learning_rate'] = o.adam_learning_rate
+    mcfg = method.preset(**overrides)
+    fields: dict[str, Any] = {}
+    if mcfg.regularizer in ('kfac', 'tkfac'):
+        fields['regularizer'] = config.curvature.kind
+    # Task-IL heads are separate per task and not regularized (paper §3.3).
+    fields['regularize_head'] = config.setting != 'task_il'
+    bn_train = config.baselines.bn_train
+    fields['bn_train'] = method.bn_train if bn_train is None else bn_train
+    if mcfg.distill != 'none':
+        fields['distill_temperature'] = config.baselines.lwf_temperature
+        if config.setting == 'task_il':
+            fields['distill_group_size'] = _classes_per_task(config)
+    try:
+        return dataclasses.replace(mcfg, **fields)
+    except ValueError as e:
+        raise ConfigError(
+            f'config.method={config.method!r}: {e} (see config.baselines.'
+            'bn_train and config.optim).'
+        ) from None
+
+
+def _classes_per_task(config) -> int:
+    if config.data.class_groups is not None:
+        return len(config.data.class_groups[0])
+    return config.data.classes_per_task
 
 
 def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -281,14 +344,24 @@ def build_backbone(
         )
     size = b.image_size
 
-    def apply_fn(variables, images):
+    def inputs(images):
         x = jnp.asarray(images, jnp.float32)
         if x.shape[1:3] != (size, size):
             x = jax.image.resize(
                 x, (x.shape[0], size, size, x.shape[3]), method='bilinear'
             )
-        return net.apply(variables, preprocess(x))
+        return preprocess(x)
 
+    def apply_fn(variables, images):
+        return net.apply(variables, inputs(images))
+
+    def train_apply_fn(variables, images):
+        # BatchNorm on batch statistics, running averages updated.
+        return net.apply(
+            variables, inputs(images), train=True, mutable=['batch_stats']
+        )
+
+    apply_fn.train = train_apply_fn  # for the bn_train methods
     return apply_fn, variables
 
 
@@ -370,6 +443,23 @@ class Task:
     test_idx: np.ndarray
     train_rows: np.ndarray  # head row of each training example
     test_rows: np.ndarray
+    # Task id of each training example (None: all of this task; set for the
+    # union that joint training uses).
+    train_task: np.ndarray | None = None
+
+
+def union_task(tasks: list[Task]) -> Task:
+    """All tasks as one (joint training): their examples, labels and ids."""
+    return Task(
+        sorted({c for task in tasks for c in task.classes}),
+        np.concatenate([task.train_idx for task in tasks]),
+        np.concatenate([task.test_idx for task in tasks]),
+        np.concatenate([task.train_rows for task in tasks]),
+        np.concatenate([task.test_rows for task in tasks]),
+        np.concatenate(
+            [np.full(len(task.train_idx), j, np.int32) for j, task in enumerate(tasks)]
+        ),
+    )
 
 
 def _check_task_size(config, n_train: int, n_test: int, what: str) -> None:
@@ -612,39 +702,41 @@ class _Run:
         self.config = config
         self.data = data
         self.tasks = tasks
+        self.method = methods.get(config.method)
+        # What is trained, task by task: the union for joint training.
+        self.train_tasks = [union_task(tasks)] if self.method.joint else tasks
         self.num_classes = num_classes
         self.n_local = jax.local_device_count()
         self.process = jax.process_index()
         self.is_chief = self.process == 0
         self.replay_bs = _replay_batch(config)
+        self.replay_rows = _replay_rows(config)
+        self.insert = _insert_mode(config)
+        self.store_logits = config.replay.store_logits or self.method.replay in (
+            'der',
+            'derpp',
+        )
         self.buffer = (
-            ReplayBuffer(config.replay.buffer_size) if self.replay_bs else None
+            ReplayBuffer(buffer_size(config)) if self.replay_bs else None
         )
         self.state = host_replicate(jax.device_get(state), self.n_local)
         self.step_fn = parallel.pmap_step(donate=True)
-        self.curv_fn = jax.pmap(
-            functools.partial(dj.train_state.curvature_step, axis_name=AXIS),
-            axis_name=AXIS,
-            in_axes=(0, 0, None),
-        )
+        self.curvature_fns = parallel.pmap_curvature_fns()
         self.end_fn = jax.pmap(dj.end_task, donate_argnums=0)
-        self.add_fn = jax.pmap(
-            lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0
-        )
-        self.mean_fn = jax.pmap(
-            lambda a, n: jax.tree.map(lambda x: x / n, a),
-            in_axes=(0, None),
-            static_broadcasted_argnums=1,
-        )
         self.predict_fn = jax.pmap(dj.predict, in_axes=(0, 0))
+        self.features_fn = jax.pmap(
+            lambda s, x: dj.train_state.features(s, s.params, x),
+            in_axes=(0, 0),
+        )
         self.begin_fn = jax.jit(dj.begin_task, static_argnames='num_steps')
         self.acc: list[list[float | None]] = [
-            [None] * len(tasks) for _ in tasks
+            [None] * len(tasks) for _ in self.train_tasks
         ]
         self.per_task: list[dict[str, Any]] = []
         self.input_wait_s = 0.0  # of the current task
         self.log_file = None
         self.events = None
+        self.free = None  # NCM / RanPAC state of a training-free method
         if self.is_chief:
             self.log_file = open(workdir / 'log.jsonl', 'a', encoding='utf-8')
             self.events = reporting.EventWriter(workdir / 'tensorboard')
@@ -663,8 +755,16 @@ class _Run:
             self.events.close()
 
     def n_steps(self, t: int) -> int:
-        mult = self.config.train.first_task_multiplier if t == 0 else 1
-        return self.config.train.steps_per_task * mult
+        """Steps of training task t (joint: all tasks' steps together)."""
+        cfg = self.config.train
+        if self.method.training_free:
+            return 0
+        if self.method.joint:
+            return cfg.steps_per_task * (
+                len(self.tasks) - 1 + cfg.first_task_multiplier
+            )
+        mult = cfg.first_task_multiplier if t == 0 else 1
+        return cfg.steps_per_task * mult
 
     def global_step(self, t: int, k: int) -> int:
         """Steps of all tasks before t, plus k: the checkpoint and log step."""
@@ -695,36 +795,128 @@ class _Run:
             {k: np.asarray(v) for k, v in batch.items()}, self.n_local
         )
 
+    def _task_mask(self, task_ids: np.ndarray) -> np.ndarray:
+        """(N, C) task-IL masks: the head rows of each row's own task."""
+        cpt = _classes_per_task(self.config)
+        cols = np.arange(self.num_classes)[None, :] // cpt
+        return (cols == np.asarray(task_ids)[:, None]).astype(np.float32)
+
     def train_batch(self, t: int, k: int) -> dict[str, np.ndarray]:
-        """This host's rows of step k's global batch (current + replay)."""
-        cfg, task = self.config, self.tasks[t]
+        """This host's rows of step k's global batch.
+
+        Rows [0, b) come from the task, then one replay draw of r rows (two
+        for DER++). While the buffer is empty the replayed rows are more task
+        examples with no weight in the replay terms, so shapes stay static.
+        """
+        cfg, task = self.config, self.train_tasks[t]
         b, r = cfg.train.batch_size, self.replay_bs
+        total = b + self.replay_rows
+        rows = self._host_rows(total)
         n = len(task.train_idx)
-        rows = self._host_rows(b + r)
-        # Rows [0, b) come from the task, rows [b, b + r) are replayed.
-        pos = epoch_indices(cfg, t, n, k * b, b)[rows.start : rows.stop]
-        images = [self.data.x_train[task.train_idx[pos]]]
+        pos = epoch_indices(cfg, t, n, k * b, b)
+        # Metadata of every global row; images of this host's rows only.
+        source = [task.train_idx[pos]]
         labels = [task.train_rows[pos]]
-        lo, hi = max(rows.start - b, 0), max(rows.stop - b, 0)
-        if hi > lo:
+        task_ids = [
+            np.full(b, t, np.int32)
+            if task.train_task is None
+            else task.train_task[pos]
+        ]
+        kind = [np.zeros(b, np.int32)]  # 0 current, 1/2 replay draw, 3 fill
+        stored = [np.zeros((b, self.num_classes), np.float32)]
+        images_of = {}  # global row -> raw image, for replayed rows
+        for draw in range(self.replay_rows // max(r, 1)):
+            lo = b + draw * r
+            # Draw 0 keeps the counters of the single-draw runner.
+            counters = (t, k) if draw == 0 else (t, k, draw)
             if len(self.buffer):
-                rep = self.buffer.sample(r, _rng(cfg, _REPLAY, t, k))
-                images.append(rep['image'][lo:hi])
-                labels.append(rep['label'][lo:hi])
-            else:  # no memory yet: more task examples keep the shape static
-                fill = _rng(cfg, _FILL, t, k).integers(0, n, size=r)[lo:hi]
-                images.append(self.data.x_train[task.train_idx[fill]])
+                rep = self.buffer.sample(r, _rng(cfg, _REPLAY, *counters))
+                source.append(np.full(r, -1))
+                labels.append(rep['label'])
+                task_ids.append(rep['task_id'])
+                kind.append(np.full(r, 1 + draw, np.int32))
+                stored.append(
+                    rep['logits']
+                    if 'logits' in rep
+                    else np.zeros((r, self.num_classes), np.float32)
+                )
+                for i in range(r):
+                    images_of[lo + i] = rep['image'][i]
+            else:
+                fill = _rng(cfg, _FILL, *counters).integers(0, n, size=r)
+                source.append(task.train_idx[fill])
                 labels.append(task.train_rows[fill])
-        images = self._augment(np.concatenate(images), t, k, rows.start)
-        return {
-            'image': images,
-            'label': np.concatenate(labels).astype(np.int32),
+                task_ids.append(
+                    np.full(r, t, np.int32)
+                    if task.train_task is None
+                    else task.train_task[fill]
+                )
+                kind.append(np.full(r, 3, np.int32))
+                stored.append(np.zeros((r, self.num_classes), np.float32))
+        source, labels = np.concatenate(source), np.concatenate(labels)
+        task_ids, kind = np.concatenate(task_ids), np.concatenate(kind)
+        stored = np.concatenate(stored)
+        raw = np.stack(
+            [
+                images_of[i] if i in images_of else self.data.x_train[source[i]]
+                for i in range(rows.start, rows.stop)
+            ]
+        )
+        batch = {
+            'image': self._augment(raw, t, k, rows.start),
+            'label': labels[rows].astype(np.int32),
         }
+        batch.update(self._loss_terms(t, kind, task_ids, stored, rows))
+        return batch
+
+    def _loss_terms(self, t, kind, task_ids, stored, rows) -> dict:
+        """Per-row masks and weights of the method's loss terms."""
+        cfg, out = self.config, {}
+        total = len(kind)
+        if cfg.setting == 'task_il':
+            out['class_mask'] = self._task_mask(task_ids)[rows]
+        if self.method.replay in ('der', 'derpp'):
+            b, r = cfg.train.batch_size, self.replay_bs
+            alpha = cfg.baselines.der_alpha
+            if alpha is None:
+                alpha = methods.DER_ALPHA[self.method.replay]
+            label = np.where(kind == 0, total / b, 0.0)
+            label = np.where(
+                kind == 2, cfg.baselines.der_beta * total / r, label
+            )
+            out['label_scale'] = label.astype(np.float32)[rows]
+            out['logit_scale'] = (
+                np.where(kind == 1, alpha * total / r, 0.0).astype(np.float32)
+            )[rows]
+            out['logit_target'] = stored[rows]
+        if self.state_config.distill != 'none':
+            if cfg.setting == 'data_il':
+                old = np.ones((self.num_classes,), np.float32)
+            elif cfg.setting == 'task_il':
+                cpt = _classes_per_task(cfg)
+                old = (np.arange(self.num_classes) < t * cpt).astype(np.float32)
+            else:
+                old, _ = class_masks(cfg, max(t - 1, 0), self.num_classes)
+                old = old * (t > 0)
+            out['distill_mask'] = np.broadcast_to(
+                old, (total, self.num_classes)
+            )[rows]
+        return out
+
+    @property
+    def state_config(self) -> dj.MethodConfig:
+        return self.state.config
 
     # -- the phases of a task ------------------------------------------------
 
     def begin_task(self, t: int) -> None:
-        train_mask, _ = class_masks(self.config, t, self.num_classes)
+        if self.method.joint:
+            # The union: every class of the run (task-IL: per-row masks).
+            train_mask, _ = class_masks(
+                self.config, len(self.tasks) - 1, self.num_classes
+            )
+        else:
+            train_mask, _ = class_masks(self.config, t, self.num_classes)
         # Through the host: pmap places the replicated copies itself.
         state = self.begin_fn(
             host_copy(self.state),
@@ -738,14 +930,20 @@ class _Run:
         cfg = self.config
         n = self.n_steps(t)
         progress = (
-            reporting.Progress(n, t, len(self.tasks), every=cfg.train.log_every)
+            reporting.Progress(
+                n, t, len(self.train_tasks), every=cfg.train.log_every
+            )
             if self.is_chief
             else None
         )
         window_start, window_images, window_wait = time.time(), 0, 0.0
-        batches = prefetch(
+        stream = self.buffer is not None and self.insert == 'stream'
+        make = (
             self._to_devices(self.train_batch(t, k)) for k in range(first, last)
         )
+        # With stream insertion a batch's replay rows depend on the step
+        # before it: no read-ahead.
+        batches = make if stream else prefetch(make)
         for k in range(first, last):
             # Time the step waits for its input: near 0 while the host
             # keeps ahead of the device.
@@ -753,8 +951,10 @@ class _Run:
             batch = next(batches)
             window_wait += time.time() - wait_start
             self.input_wait_s += time.time() - wait_start
+            if stream:
+                self._offer_stream(t, k)
             self.state, m = self.step_fn(self.state, batch)
-            window_images += cfg.train.batch_size + self.replay_bs
+            window_images += cfg.train.batch_size + self.replay_rows
             done = k + 1
             if done % cfg.train.log_every == 0 or done == n:
                 # Metrics reach the host only at log steps.
@@ -784,47 +984,61 @@ class _Run:
         if progress is not None:
             progress.close()
 
-    def end_task(self, t: int) -> None:
-        """Curvature of task t (DLCFT), anchor update, buffer update."""
-        cfg, task = self.config, self.tasks[t]
-        if cfg.method == 'finetune':
-            self.state = self.end_fn(self.state, None)
-        else:
-            bs, nb = cfg.curvature.batch_size, cfg.curvature.num_batches
-            pos = epoch_indices(
-                cfg, t, len(task.train_idx), 0, bs * nb, _CURVATURE
+    def _offer_stream(self, t: int, k: int) -> None:
+        """Offers step k's current-task examples to the reservoir (Mammoth's
+        order: after the batch is drawn), with the logits of the model before
+        the step on the raw images when the method stores logits."""
+        cfg, task = self.config, self.train_tasks[t]
+        b = cfg.train.batch_size
+        pos = epoch_indices(cfg, t, len(task.train_idx), k * b, b)
+        images = self.data.x_train[task.train_idx[pos]]
+        logits = self.logits(images) if self.store_logits else None
+        ids = t if task.train_task is None else task.train_task[pos]
+        self.buffer.add(
+            images,
+            task.train_rows[pos],
+            ids,
+            logits,
+            rng=_rng(cfg, _RESERVOIR, t, k),
+        )
+
+    def _curvature_batches(self, t: int):
+        """Augmented batches of task t for the curvature, as in the paper."""
+        cfg, task = self.config, self.train_tasks[t]
+        bs, nb = cfg.curvature.batch_size, cfg.curvature.num_batches
+        pos = epoch_indices(cfg, t, len(task.train_idx), 0, bs * nb, _CURVATURE)
+        rows = self._host_rows(bs)
+        for i in range(nb):
+            idx = pos[i * bs : (i + 1) * bs]
+            images = self._augment(
+                self.data.x_train[task.train_idx[idx[rows]]],
+                _CURVATURE,
+                t,
+                i,
+                rows.start,
             )
-            rows = self._host_rows(bs)
+            batch = {'image': images, 'label': task.train_rows[idx[rows]]}
+            if cfg.setting == 'task_il':
+                batch['class_mask'] = self._task_mask(np.full(bs, t))[rows]
+            yield self._to_devices(batch)
 
-            def batches():  # augmented, as in the paper
-                for i in range(nb):
-                    idx = pos[i * bs : (i + 1) * bs][rows]
-                    images = self._augment(
-                        self.data.x_train[task.train_idx[idx]],
-                        _CURVATURE,
-                        t,
-                        i,
-                        rows.start,
-                    )
-                    yield self._to_devices(
-                        {'image': images, 'label': task.train_rows[idx]}
-                    )
-
-            # The task's curvature: the mean of the batches' statistics,
-            # summed on the devices (one copy of the factors at a time).
+    def end_task(self, t: int) -> None:
+        """Curvature of task t (methods with a penalty), anchor update,
+        buffer update."""
+        cfg, task = self.config, self.train_tasks[t]
+        curvature = None
+        if self.state.penalty_state is not None:
             key = jax.random.fold_in(jax.random.key(cfg.seed), t)
-            total = None
-            for i, batch in enumerate(batches()):
-                stats = self.curv_fn(
-                    self.state, batch, jax.random.fold_in(key, i)
-                )
-                total = stats if total is None else self.add_fn(total, stats)
-            self.state = self.end_fn(self.state, self.mean_fn(total, nb))
-        if self.buffer is not None:
+            curvature = dj.estimate_curvature(
+                self.state,
+                self._curvature_batches(t),
+                key,
+                **self.curvature_fns,
+            )
+        self.state = self.end_fn(self.state, curvature)
+        if self.buffer is not None and self.insert == 'task_end':
             images = self.data.x_train[task.train_idx]
-            logits = None
-            if cfg.replay.store_logits:
-                logits = self.logits(images)
+            logits = self.logits(images) if self.store_logits else None
             self.buffer.add(
                 images,
                 task.train_rows,
@@ -833,8 +1047,8 @@ class _Run:
                 rng=_rng(cfg, _RESERVOIR, t),
             )
 
-    def _predict_batches(self, images: np.ndarray):
-        """Logits of `images` (test transform), batched over local devices."""
+    def _batched(self, fn, images: np.ndarray):
+        """`fn(state, x)` of `images` (test transform), over local devices."""
         bs = self.config.eval.batch_size
         bs = -(-bs // self.n_local) * self.n_local
         for lo in range(0, len(images), bs):
@@ -846,35 +1060,87 @@ class _Run:
                 x = np.concatenate(
                     [x, np.zeros((bs - m,) + x.shape[1:], x.dtype)]
                 )
-            out = self.predict_fn(self.state, self._to_devices({'x': x})['x'])
+            out = fn(self.state, self._to_devices({'x': x})['x'])
             yield np.asarray(out).reshape(bs, -1)[:m]
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        return np.concatenate(list(self._predict_batches(images)))
+        return np.concatenate(list(self._batched(self.predict_fn, images)))
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """g(x; ψ0): the frozen pre-trained features (test transform)."""
+        return np.concatenate(list(self._batched(self.features_fn, images)))
+
+    # -- training-free methods -----------------------------------------------
+
+    def fit_training_free(self, t: int) -> None:
+        """NCM / RanPAC: add task t's features to the closed-form classifier."""
+        cfg, task = self.config, self.train_tasks[t]
+        z = self.features(self.data.x_train[task.train_idx])
+        y = task.train_rows
+        kind, opts = self.method.training_free, cfg.baselines
+        if kind == 'ncm':
+            if self.free is None:
+                self.free = prototypes.ncm_init(self.num_classes, z.shape[1])
+            self.free = prototypes.ncm_update(self.free, z, y)
+            return
+        if self.free is None:
+            # The ridge, once, on a held-out split of the first task.
+            tr, va = prototypes.split_holdout(
+                len(y), opts.ranpac_holdout, cfg.seed
+            )
+            ridge, scores = prototypes.choose_ridge(
+                z[tr],
+                y[tr],
+                z[va],
+                y[va],
+                num_classes=self.num_classes,
+                proj_dim=opts.ranpac_dim,
+                seed=cfg.seed,
+            )
+            self.log({'event': 'ranpac_ridge', 'ridge': ridge,
+                      'validation_accuracy': {str(k): v for k, v in scores.items()}})
+            self.free = {
+                'ridge': ridge,
+                'state': prototypes.ranpac_init(
+                    z.shape[1], self.num_classes, opts.ranpac_dim, cfg.seed
+                ),
+            }
+        self.free['state'] = prototypes.ranpac_update(self.free['state'], z, y)
+        self.free['w'] = prototypes.ranpac_solve(
+            self.free['state'], self.free['ridge']
+        )
+
+    def _scores(self, images: np.ndarray) -> np.ndarray:
+        """Class scores of the current model (training-free: its classifier)."""
+        if not self.method.training_free:
+            return self.logits(images)
+        z = self.features(images)
+        if self.method.training_free == 'ncm':
+            scores = prototypes.ncm_scores(
+                self.free, z, self.config.baselines.ncm_metric
+            )
+        else:
+            scores = prototypes.ranpac_scores(
+                self.free['state'], self.free['w'], z
+            )
+        return np.nan_to_num(scores, neginf=-1e30)
 
     def evaluate(self, t: int) -> list[float]:
-        """% accuracy on the test data of tasks 0..t, arg-max within masks."""
-        _, masks = class_masks(self.config, t, self.num_classes)
+        """% accuracy on the test data of tasks 0..t, arg-max within masks
+        (joint: every task, after training on their union)."""
+        last = len(self.tasks) - 1 if self.method.joint else t
+        _, masks = class_masks(self.config, last, self.num_classes)
         if self.config.setting == 'data_il':
             # Every task shares the full test set and the head: one pass.
             masks = masks[:1]
         out = []
         for j, mask in enumerate(masks):
             task = self.tasks[j]
-            correct = 0
-            offset = 0
-            for logits in self._predict_batches(
-                self.data.x_test[task.test_idx]
-            ):
-                pred = np.asarray(
-                    jnp.argmax(losses.masked_logits(logits, mask), -1)
-                )
-                rows = task.test_rows[offset : offset + len(pred)]
-                correct += int(np.sum(pred == rows))
-                offset += len(pred)
-            out.append(100.0 * correct / len(task.test_idx))
+            scores = self._scores(self.data.x_test[task.test_idx])
+            pred = np.argmax(np.where(mask > 0, scores, -np.inf), -1)
+            out.append(100.0 * float(np.mean(pred == task.test_rows)))
         if self.config.setting == 'data_il':
-            return out * (t + 1)
+            return out * (last + 1)
         return out
 
 
@@ -888,14 +1154,16 @@ _SAVED_FIELDS = (
     'params',
     'centre',
     'opt_state',
-    'curvature',
     'class_mask',
 )
 
 
 def _state_tree(state) -> dict[str, Any]:
     """The parts of a TrainState a checkpoint holds (ψ0 is rebuilt)."""
-    return {name: getattr(state, name) for name in _SAVED_FIELDS}
+    tree = {name: getattr(state, name) for name in _SAVED_FIELDS}
+    if state.config.bn_train:  # its BatchNorm statistics were trained
+        tree['params0'] = state.params0
+    return tree
 
 
 def _buffer_tree(buffer: ReplayBuffer, image_shape, num_classes):
@@ -986,7 +1254,7 @@ class _Checkpoints:
             run.buffer = _buffer_from_tree(
                 out['buffer'],
                 run.buffer.capacity,
-                self.config.replay.store_logits,
+                run.store_logits,
             )
         return out['meta']
 
@@ -1042,8 +1310,9 @@ def train_and_evaluate(
     tasks, num_classes = make_tasks(config, data)
     apply_fn, variables = build_backbone(config, data.mean, data.std)
     mcfg = method_config(config)
+    method = methods.get(config.method)
     per_device = (
-        config.train.batch_size + _replay_batch(config)
+        config.train.batch_size + _replay_rows(config)
     ) // jax.device_count()
     example = jnp.zeros(
         (per_device,)
@@ -1058,6 +1327,8 @@ def train_and_evaluate(
         num_classes=num_classes,
         example_input=example,
         config=mcfg,
+        trainable=method.trainable,
+        train_apply_fn=apply_fn.train if mcfg.bn_train else None,
     )
     run = _Run(config, data, tasks, num_classes, state, workdir_path)
     ckpt = _Checkpoints(workdir_path, config)
@@ -1102,13 +1373,14 @@ def train_and_evaluate(
             }
 
         stop = config.train.stop_after_tasks
-        for t in range(t0, len(tasks)):
+        free = method.training_free is not None
+        for t in range(t0, len(run.train_tasks)):
             if stop is not None and t >= stop:
                 break
             n = run.n_steps(t)
             # Training seconds of this task before a resume, if any.
             before = resumed_train_s if k0 else 0.0
-            if k0 == 0:
+            if k0 == 0 and not free:
                 run.begin_task(t)
             every = config.checkpoint.every_steps
             clock = time.time()
@@ -1119,29 +1391,32 @@ def train_and_evaluate(
                     ckpt.save(run, run.global_step(t, k), meta(t, k, timing))
 
             run.input_wait_s = 0.0
-            run.train_steps(t, k0, n, on_step)
+            if free:
+                run.fit_training_free(t)
+            else:
+                run.train_steps(t, k0, n, on_step)
             train_s = before + time.time() - clock
             k0 = 0
             clock = time.time()
-            run.end_task(t)
+            if not free:
+                run.end_task(t)
             curvature_s = time.time() - clock
             clock = time.time()
-            run.acc[t][: t + 1] = run.evaluate(t)
+            accuracy = run.evaluate(t)
+            run.acc[t][: len(accuracy)] = accuracy
             eval_s = time.time() - clock
-            seen = [row[: t + 1] for row in run.acc[: t + 1]]
+            task = run.train_tasks[t]
             summary = {
                 'task': t,
-                'classes': tasks[t].classes
+                'classes': task.classes
                 if config.setting != 'data_il'
                 else None,
-                'train_examples': int(len(tasks[t].train_idx)),
-                'chunk_size': int(len(tasks[t].train_idx))
+                'train_examples': int(len(task.train_idx)),
+                'chunk_size': int(len(task.train_idx))
                 if config.setting == 'data_il'
                 else None,
-                'accuracy': run.acc[t][: t + 1],
-                'average_accuracy': metrics_lib.average_accuracy(seen),
-                'forgetting': metrics_lib.forgetting(seen),
-                'backward_transfer': metrics_lib.backward_transfer(seen),
+                'accuracy': accuracy,
+                **_accuracy_metrics(run.acc, t, method.joint),
                 'steps': n,
                 'train_s': train_s,
                 # Share of this invocation's training time spent waiting for
@@ -1153,16 +1428,16 @@ def train_and_evaluate(
             }
             run.per_task.append(summary)
             _report_task(run, t, summary)
-            ckpt.save(run, run.global_step(t + 1, 0), meta(t + 1, 0))
+            if not free:  # a training-free run is redone in seconds
+                ckpt.save(run, run.global_step(t + 1, 0), meta(t + 1, 0))
     finally:
         # Async saves complete before the process ends, error or not.
         ckpt.close()
         run.close()
 
     done = len(run.per_task)
-    seen = [row[:done] for row in run.acc[:done]]
     results = {
-        'complete': done == len(tasks),
+        'complete': done == len(run.train_tasks),
         'tasks_done': done,
         'setting': config.setting,
         'benchmark': config.benchmark,
@@ -1176,11 +1451,11 @@ def train_and_evaluate(
         'task_classes': [task.classes for task in tasks]
         if config.setting != 'data_il'
         else None,
+        # Joint training: one row, the model trained on the union.
+        'joint': method.joint,
         'accuracy_matrix': run.acc,
         # After the last task done (all of them unless stop_after_tasks).
-        'average_accuracy': metrics_lib.average_accuracy(seen),
-        'forgetting': metrics_lib.forgetting(seen),
-        'backward_transfer': metrics_lib.backward_transfer(seen),
+        **_accuracy_metrics(run.acc, max(done - 1, 0), method.joint),
         'per_task': run.per_task,
         'wall_time_s': elapsed + time.time() - t_start,
         'method_config': dataclasses.asdict(mcfg),
@@ -1203,15 +1478,39 @@ def train_and_evaluate(
     return results
 
 
+def _accuracy_metrics(acc, t: int, joint: bool) -> dict[str, Any]:
+    """Average accuracy, forgetting and BWT after task t (joint: one row of
+    final accuracies, so forgetting and BWT are undefined)."""
+    if joint:
+        row = [a for a in acc[0] if a is not None]
+        return {
+            'average_accuracy': float(np.mean(row)) if row else None,
+            'forgetting': None,
+            'backward_transfer': None,
+        }
+    seen = [row[: t + 1] for row in acc[: t + 1]]
+    return {
+        'average_accuracy': metrics_lib.average_accuracy(seen),
+        'forgetting': metrics_lib.forgetting(seen),
+        'backward_transfer': metrics_lib.backward_transfer(seen),
+    }
+
+
 def _report_task(run: _Run, t: int, summary: dict[str, Any]) -> None:
     run.log({'event': 'task_end', **summary})
     if run.events is not None:
         g = run.global_step(t + 1, 0)
         run.events.scalars(
             {
-                'eval/average_accuracy': summary['average_accuracy'],
-                'eval/forgetting': summary['forgetting'],
-                'eval/backward_transfer': summary['backward_transfer'],
+                **{
+                    f'eval/{k}': summary[k]
+                    for k in (
+                        'average_accuracy',
+                        'forgetting',
+                        'backward_transfer',
+                    )
+                    if summary[k] is not None
+                },
                 **{
                     f'eval/task_{j + 1}_accuracy': a
                     for j, a in enumerate(summary['accuracy'])
@@ -1227,13 +1526,17 @@ def _report_task(run: _Run, t: int, summary: dict[str, Any]) -> None:
                 f'T{j + 1} {a:5.1f}%' for j, a in enumerate(summary['accuracy'])
             )
             + f" | average {summary['average_accuracy']:5.2f}%"
-            + f" | forgetting {summary['forgetting']:5.2f}"
-            + f" | BWT {summary['backward_transfer']:+.2f}"
+            + (
+                ''
+                if summary['forgetting'] is None
+                else f" | forgetting {summary['forgetting']:5.2f}"
+                f" | BWT {summary['backward_transfer']:+.2f}"
+            )
             + f" | train {summary['train_s']:.0f}s curvature "
             f"{summary['curvature_s']:.0f}s eval {summary['eval_s']:.0f}s",
             flush=True,
         )
-        if 0 < t < 20:  # the matrix so far, while it fits a screen
+        if 0 < t < 20 and not run.method.joint:  # the matrix, if it fits
             seen = [row[: t + 1] for row in run.acc[: t + 1]]
             print(metrics_lib.format_accuracy_matrix(seen), flush=True)
 
@@ -1243,9 +1546,12 @@ def _write_outputs(results: dict[str, Any], workdir: Path) -> None:
     tmp = workdir / 'results.json.tmp'
     tmp.write_text(json.dumps(results, indent=2) + '\n', encoding='utf-8')
     os.replace(tmp, workdir / 'results.json')
-    table = reporting.summary_table(results)
+    if results.get('joint'):
+        table = reporting.joint_summary(results)
+    else:
+        table = reporting.summary_table(results)
+        reporting.save_plots(results, workdir / 'results.png')
     (workdir / 'summary.txt').write_text(table + '\n', encoding='utf-8')
-    reporting.save_plots(results, workdir / 'results.png')
     print()
     print(table)
     print(

@@ -15,7 +15,20 @@ from dlcft_jax.models.small_cnn import init_small
 
 
 def _f64(tree):
-    return jax.tree.map(lambda a: a.astype(jnp.float64), tree)
+    return jax.tree.map(
+        lambda a: a.astype(jnp.float64)
+        if jnp.issubdtype(a.dtype, jnp.floating)
+        else a,
+        tree,
+    )
+
+
+def _penalty(state, params):
+    """R(θ) = ½ δᵀ H̄ δ from the penalty state in the optimizer state."""
+    anchor = state.penalty_state.anchor
+    return state.curvature.quadratic(
+        jax.tree.map(jnp.subtract, params, anchor)
+    )
 
 
 def _tasks(num_tasks, b=12, num_classes=3, seed=0):
@@ -60,16 +73,26 @@ def test_model_penalty_equals_dense_block_diagonal_form(restricted):
             ),
             centre,
         )
+        assert isinstance(curv, dj.KroneckerCurvature)
+        assert curv.restricted == restricted
         H, flatten = rg.dense_penalty_matrix(
-            curv, params, restricted=restricted
+            curv.as_dict(), params, restricted=restricted
         )
         d = np.asarray(flatten(params) - flatten(centre))
-        pen = rg.penalty(params, centre, curv, restricted=restricted)
+        pen = rg.penalty(params, centre, curv.as_dict(), restricted=restricted)
         np.testing.assert_allclose(pen, 0.5 * d @ H @ d, rtol=1e-10)
         grads = jax.grad(rg.penalty)(
-            params, centre, curv, restricted=restricted
+            params, centre, curv.as_dict(), restricted=restricted
         )
         np.testing.assert_allclose(flatten(grads), H @ d, rtol=1e-9, atol=1e-12)
+        # The typed value's interface: quadratic form and product with δ.
+        delta = jax.tree.map(jnp.subtract, params, centre)
+        np.testing.assert_allclose(
+            curv.quadratic(delta), 0.5 * d @ H @ d, rtol=1e-10
+        )
+        np.testing.assert_allclose(
+            flatten(curv.matvec(delta)), H @ d, rtol=1e-9, atol=1e-12
+        )
 
 
 def _newton_minimize(objective, params):
@@ -96,14 +119,14 @@ def _head_sequential(tasks, curvature_transform=lambda c: c):
     state = state.replace(
         params=_f64(state.params),
         centre=_f64(state.centre),
-        curvature=_f64(state.curvature),
+        opt_state=_f64(state.opt_state),
     )
     for t, batch in enumerate(tasks):
 
         def objective(params, batch=batch, state=state):
             logits = ts.apply_model(state, params, batch['image'])
             data = losses.mse_loss(logits, batch['label'])
-            pen = rg.penalty(params, state.centre, state.curvature)
+            pen = _penalty(state, params)
             return rg.task_objective(data, pen, state.task)
 
         state = state.replace(params=_newton_minimize(objective, state.params))
@@ -148,11 +171,8 @@ def test_diagonal_curvature_breaks_sequential_equals_joint():
         tasks = _tasks(4)
 
         def diagonal(curv):
-            a = curv['head']['A']
-            return {
-                **curv,
-                'head': {**curv['head'], 'A': jnp.diag(jnp.diag(a))},
-            }
+            a = curv.head['A']
+            return curv.replace(head={**curv.head, 'A': jnp.diag(jnp.diag(a))})
 
         state, apply_fn, v = _head_sequential(tasks, diagonal)
         joint = _head_joint(tasks, apply_fn, v, state)

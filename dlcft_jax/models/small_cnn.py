@@ -1,7 +1,7 @@
 """A small convolutional backbone for tests, examples and quick CPU runs.
 
 It has every layer kind the K-FAC estimator handles: a strided conv with
-explicit asymmetric padding, BatchNorm (frozen), leaky ReLU, a depthwise conv
+explicit asymmetric padding, BatchNorm (frozen unless `train=True`), leaky ReLU, a depthwise conv
 (`nn.Conv` with feature_group_count = channels, or the fast
 `DepthwiseConv2D`), a 1×1 conv with a bias, global average pooling and a dense
 projection to the feature vector.
@@ -32,7 +32,7 @@ class SmallConvNet(nn.Module):
     depthwise_bias: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = nn.Conv(
             self.width,
             (3, 3),
@@ -41,7 +41,7 @@ class SmallConvNet(nn.Module):
             use_bias=False,
             name='conv',
         )(x)
-        x = nn.BatchNorm(use_running_average=True, name='bn')(x)
+        x = nn.BatchNorm(use_running_average=not train, name='bn')(x)
         x = nn.leaky_relu(x, 0.01)
         if self.depthwise_impl == 'xla':
             x = nn.Conv(

@@ -61,8 +61,9 @@ def base() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.setting = 'class_il'
     config.benchmark = 'quick'
-    # 'dlcft' (linearized + MSE + K-FAC) or 'finetune' (non-linear + CE, no
-    # penalty). The optimizer defaults follow the method (spec §5).
+    # One of experiments.methods.METHODS: dlcft, finetune, finetune_mse,
+    # joint, ewc, mas, lwf, lwf_mse, osla, kfac_{lin,nonlin}_{mse,sce}, er,
+    # der, derpp, ncm, ranpac. The optimizer defaults follow the method.
     config.method = 'dlcft'
     config.seed = 0
 
@@ -121,16 +122,22 @@ def base() -> ml_collections.ConfigDict:
     config.optim = ml_collections.ConfigDict()
     # None: the method's default (DLCFT: Adam 1e-4; finetune: SGD 0.9, 1e-3).
     config.optim.name = config_dict.placeholder(str)
-    # 1e-3 for both methods: the paper's 1e-4 (DLCFT) is for 10,000 steps per
-    # task; with 50 it underfits (34.7% vs 37.9% in the first release). None
-    # restores the method defaults.
-    config.optim.learning_rate = config_dict.FieldReference(
-        1e-3, field_type=float
-    )
-    config.optim.weight_decay = 1e-5
-    config.optim.clip_norm = 1.0
+    # None: each method's own (DLCFT and the linearized methods: Adam 1e-4;
+    # the non-linear baselines: SGD 0.9, 1e-3; ER / DER / DER++: SGD 0.03).
+    # A value here sets every method's learning rate.
+    config.optim.learning_rate = config_dict.placeholder(float)
+    # The learning rate of the Adam methods (dlcft, joint, kfac_lin_*) when
+    # optim.learning_rate is None. The quick start and seq_cifar10 use 1e-3:
+    # the paper's 1e-4 is for 10,000 steps per task; with 50 it underfits
+    # (34.7% vs 37.9% in the first release). None: their 1e-4.
+    config.optim.adam_learning_rate = config_dict.placeholder(float)
+    config.optim.adam_learning_rate = 1e-3
+    # None: the method's (L2 1e-5, clip 1 and linear decay for the paper's
+    # methods; none of them for ER / DER / DER++, as in Mammoth).
+    config.optim.weight_decay = config_dict.placeholder(float)
+    config.optim.clip_norm = config_dict.placeholder(float)
     config.optim.proximal = config_dict.placeholder(float)  # DLCFT: 1e-4
-    config.optim.schedule = 'linear'
+    config.optim.schedule = config_dict.placeholder(str)
     config.optim.alpha = 15.0
 
     config.curvature = ml_collections.ConfigDict()
@@ -139,11 +146,33 @@ def base() -> ml_collections.ConfigDict:
     config.curvature.batch_size = 32
 
     config.replay = ml_collections.ConfigDict()
-    config.replay.buffer_size = 200  # 0 disables replay
+    # Reservoir capacity; None: 200 in class-IL and for er / der / derpp,
+    # 0 (no replay) otherwise. 0 disables replay.
+    config.replay.buffer_size = config_dict.placeholder(int)
     config.replay.batch_size = 16  # replayed examples added to each step
-    # Store the logits at insertion with each example (DER-style methods);
-    # DLCFT's replay term uses the labels only.
+    # Store the logits at insertion with each example (der / derpp always
+    # do); DLCFT's replay term uses the labels only.
     config.replay.store_logits = False
+    # When examples enter the buffer: 'task_end' (a task's examples after
+    # it), 'stream' (each batch after its step, Mammoth's way); None: the
+    # method's (stream for er / der / derpp, task_end otherwise).
+    config.replay.insert = config_dict.placeholder(str)
+
+    # Options of the baselines (experiments/methods.py lists the methods).
+    config.baselines = ml_collections.ConfigDict()
+    # DER's α on the stored logits (None: der 0.3, derpp 0.1) and DER++'s β.
+    config.baselines.der_alpha = config_dict.placeholder(float)
+    config.baselines.der_beta = 0.5
+    config.baselines.lwf_temperature = 1.0  # LwF's softmax temperature
+    # BatchNorm statistics trained in non-linear methods (None: the
+    # method's: on for er / der / derpp as in Mammoth, off otherwise as in
+    # the paper's DLCFT).
+    config.baselines.bn_train = config_dict.placeholder(bool)
+    config.baselines.ncm_metric = 'cosine'  # or 'euclidean'
+    # RanPAC: random projection width (their paper: 10,000) and the share
+    # of the first task held out to choose the ridge.
+    config.baselines.ranpac_dim = 5000
+    config.baselines.ranpac_holdout = 0.2
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 100
@@ -173,7 +202,7 @@ def _paper_budget(config: ml_collections.ConfigDict) -> None:
     config.train.batch_size = 128
     config.train.steps_per_task = 10_000
     config.train.log_every = 100
-    config.optim.learning_rate = None  # the method's: Adam 1e-4 for DLCFT
+    config.optim.adam_learning_rate = None  # the method's: Adam 1e-4
     config.curvature.num_batches = 1000
     config.curvature.batch_size = 64
 
@@ -214,8 +243,6 @@ def get(setting: str, benchmark: str | None) -> ml_collections.ConfigDict:
     config = base()
     config.setting = setting
     config.benchmark = benchmark
-    if setting != 'class_il':
-        config.replay.buffer_size = 0  # replay is a class-IL device (§3.6)
     if benchmark == 'seq_cifar10':
         config.data.source = 'tfds'
         config.data.name = 'cifar10'

@@ -1,0 +1,343 @@
+"""Curvature of past tasks as typed values, and the kinds that estimate them.
+
+A quadratic penalty ½ δᵀ H δ (δ = θ − θ_{t−1}) needs three things of its
+curvature H, whatever its form: the running average over finished tasks,
+the quadratic form, and the product H δ (the penalty's gradient). The two
+value types below share exactly that interface (in the spirit of kfac-jax's
+curvature blocks, with far less machinery):
+
+* `KroneckerCurvature`: one block A_l ⊗ S_l per conv / dense layer of the
+  backbone (K-FAC; trace-restricted K-FAC rescales each block by
+  tr F_l / (tr A_l · tr S_l)), and the head block A_head ⊗ S_head. With the
+  MSE loss S_head = I and A_head = E[z̄z̄ᵀ], which is the head's exact
+  Hessian, also for the rows of classes not seen yet (paper §3.4).
+* `DiagonalCurvature`: one non-negative number per parameter (EWC, MAS).
+
+Both are pytrees (`flax.struct`), so they live in an optimizer state, are
+averaged on device, `pmap`ped and checkpointed like any array tree.
+
+The kinds are small frozen (hashable) descriptions of how to estimate a value
+from one batch of the task just trained; `estimate_curvature` averages them
+over batches:
+
+* `KFAC(restricted=False, head=True)`: K-FAC statistics of the model the
+  state trains: the linearized backbone (DLCFT: factors at ψ0, pseudo-targets
+  from the current model) or the non-linear network at ψ0 + Δ (OSLA, the
+  ablation's non-linear rows). Pseudo-targets ỹ ~ N(f, I) for MSE and
+  ỹ ~ softmax(f) for cross-entropy (Martens & Grosse, 2015; Grosse &
+  Martens, 2016; Ritter et al., 2018 for the Laplace view that OSLA uses).
+* `EWC(head=True)`: the diagonal of the *true* Fisher, E_x E_{ỹ~p(·|x)}
+  [(∂ log p(ỹ|x)/∂θ)²], from per-example gradients with one label sampled
+  from the model for each example (Kirkpatrick et al., 2017; the DLCFT
+  authors' `EWCRegularizer` samples labels the same way). With the MSE loss
+  the model's predictive distribution is N(f, I).
+* `MAS(head=True)`: Ω = E_x |∂‖f(x)‖²/∂θ| over the active outputs (Aljundi
+  et al., 2018), per-example gradients.
+
+`head=False` leaves the head out of the penalty (task-IL, whose per-task
+heads the paper does not regularize).
+
+K-FAC supports Flax Linen `nn.Dense`, `nn.Conv` (plain or depthwise) and
+`dlcft_jax.models.DepthwiseConv2D`; any other trainable layer makes the
+estimator stop with a message naming the layer (freeze it, or use a diagonal
+kind, which works for any network). Trainable leaves that are not the kernel
+or bias of such a layer (e.g. BatchNorm scale and bias under
+`trainable='all'`) get no K-FAC block and so no penalty; `create_state` warns
+about them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Union
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dlcft_jax import curvature as curv_lib
+from dlcft_jax import regularizer as reg_lib
+
+Params = Any
+Batch = Mapping[str, jax.Array]
+
+
+def _running_mean(old, new, num_tasks):
+    """X̄ ← (t·X̄ + X)/(t+1): the average over t+1 tasks."""
+    t = jnp.asarray(num_tasks, jnp.float32)
+    return jax.tree.map(lambda a, b: (t * a + b) / (t + 1.0), old, new)
+
+
+def _zeros_like(tree):
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+# ----------------------------------------------------------------------------
+# Values.
+
+
+class KroneckerCurvature(flax.struct.PyTreeNode):
+    """Block-diagonal H = blockdiag(A_l ⊗ S_l, A_head ⊗ S_head).
+
+    Attributes:
+      layers: {module key: {'A', 'S'[, 'trace']}} for the backbone layers
+        (see `dlcft_jax.curvature` for the layouts of dense, conv and
+        depthwise factors).
+      head: {'A': (D+1, D+1), 'S': (C, C)}, or None to leave the head out.
+      restricted: static; scale each backbone block by tr F/(tr A · tr S).
+    """
+
+    layers: dict
+    head: Optional[dict]
+    restricted: bool = flax.struct.field(pytree_node=False, default=False)
+
+    def accumulate(self, new: 'KroneckerCurvature', num_tasks) -> Any:
+        """The average over t+1 tasks, t = `num_tasks` already in `self`."""
+        return _running_mean(self, new, num_tasks)
+
+    def as_dict(self) -> dict:
+        """{'layers': ..., 'head': ...}, the layout of `dlcft_jax.regularizer`."""
+        return {'layers': self.layers, 'head': self.head}
+
+    def quadratic(self, delta: Params) -> jax.Array:
+        """½ δᵀ H δ for δ = {'backbone': Δψ sub-tree, 'head': {...}}."""
+        return reg_lib.penalty(
+            delta,
+            _zeros_like(delta),
+            self.as_dict(),
+            restricted=self.restricted,
+            with_head=self.head is not None,
+        )
+
+    def matvec(self, delta: Params) -> Params:
+        """H δ, with the structure of δ (0 where H has no block)."""
+        return jax.grad(self.quadratic)(delta)
+
+
+class DiagonalCurvature(flax.struct.PyTreeNode):
+    """H = diag(d): one non-negative value per parameter (EWC, MAS).
+
+    Attributes:
+      diag: a tree with the structure of the trained parameters.
+    """
+
+    diag: Params
+
+    def accumulate(self, new: 'DiagonalCurvature', num_tasks) -> Any:
+        """The average over t+1 tasks, t = `num_tasks` already in `self`."""
+        return _running_mean(self, new, num_tasks)
+
+    def quadratic(self, delta: Params) -> jax.Array:
+        """½ Σ d δ²."""
+        leaves = jax.tree.leaves(
+            jax.tree.map(lambda d, x: jnp.sum(d * x * x), self.diag, delta)
+        )
+        return 0.5 * sum(leaves, jnp.zeros((), jnp.float32))
+
+    def matvec(self, delta: Params) -> Params:
+        """d ⊙ δ."""
+        return jax.tree.map(jnp.multiply, self.diag, delta)
+
+
+Curvature = Union[KroneckerCurvature, DiagonalCurvature]
+
+
+# ----------------------------------------------------------------------------
+# Kinds (estimators).
+
+
+def _class_mask(state, batch: Batch) -> jax.Array:
+    return batch.get('class_mask', state.class_mask)
+
+
+def _weighted_mean(per_example, weights, axis_name):
+    """Σ_n w_n x_n / Σ_n w_n over the batch (and the mapped axis)."""
+    if weights is None:
+        weights = jnp.ones((per_example.shape[0],), per_example.dtype)
+    w = weights.reshape((-1,) + (1,) * (per_example.ndim - 1))
+    total = jnp.sum(per_example * w, axis=0)
+    norm = jnp.sum(weights)
+    if axis_name is not None:
+        total, norm = jax.lax.psum((total, norm), axis_name)
+    return total / jnp.maximum(norm, 1e-12)
+
+
+@dataclasses.dataclass(frozen=True)
+class KFAC:
+    """K-FAC (or trace-restricted K-FAC) of the trained model.
+
+    Attributes:
+      restricted: trace-restricted K-FAC (Gao et al., 2020).
+      head: include the head block (False: task-IL).
+    """
+
+    restricted: bool = False
+    head: bool = True
+
+    name = 'kfac'
+
+    def batch(
+        self,
+        state,
+        batch: Batch,
+        rng: jax.Array,
+        *,
+        axis_name: Optional[str] = None,
+    ) -> KroneckerCurvature:
+        """Statistics of one batch at the current parameters (pure)."""
+        stats = curv_lib.batch_curvature(
+            state.apply_fn,
+            state.params0,
+            state.params['backbone'],
+            state.params['head'],
+            batch['image'],
+            rng,
+            linearized=state.config.linearized,
+            loss=state.config.loss,
+            class_mask=_class_mask(state, batch),
+            weights=batch.get('weight'),
+            with_trace=self.restricted,
+            axis_name=axis_name,
+        )
+        return KroneckerCurvature(
+            layers=stats['layers'],
+            head=stats['head'] if self.head else None,
+            restricted=self.restricted,
+        )
+
+
+def _per_example_grads(state, params, batch, per_example_objective):
+    """∂ objective(f(x_n; θ), n)/∂θ for every example n, vmapped.
+
+    `per_example_objective(logits (C,), index)` is a scalar. Each example is
+    run as a batch of one, so BatchNorm (frozen, inference mode) and every
+    other layer see the shapes they expect.
+    """
+    from dlcft_jax import train_state  # pylint: disable=g-import-not-at-top
+
+    def one(x, i):
+        def objective(p):
+            logits = train_state.apply_model(state, p, x[None])[0]
+            return per_example_objective(logits, i)
+
+        return jax.grad(objective)(params)
+
+    n = batch['image'].shape[0]
+    return jax.vmap(one)(batch['image'], jnp.arange(n))
+
+
+def _restrict_head(diag: Params, head: bool) -> Params:
+    if head:
+        return diag
+    return {**diag, 'head': _zeros_like(diag['head'])}
+
+
+@dataclasses.dataclass(frozen=True)
+class EWC:
+    """Diagonal of the true Fisher with labels sampled from the model.
+
+    Attributes:
+      head: include the head (False: task-IL).
+    """
+
+    head: bool = True
+
+    name = 'ewc'
+
+    def batch(
+        self,
+        state,
+        batch: Batch,
+        rng: jax.Array,
+        *,
+        axis_name: Optional[str] = None,
+    ) -> DiagonalCurvature:
+        """E_n[(∂ log p(ỹ_n | x_n)/∂θ)²], ỹ_n ~ p(·|x_n), for one batch."""
+        from dlcft_jax import losses  # pylint: disable=g-import-not-at-top
+
+        n = batch['image'].shape[0]
+        mask = jnp.broadcast_to(
+            _class_mask(state, batch), (n, state.class_mask.shape[0])
+        )
+        offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * n
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(
+            offset + jnp.arange(n)
+        )
+        loss = state.config.loss
+
+        def neg_log_lik(logits, i):
+            m = mask[i]
+            if loss == 'mse':
+                # p(y|x) = N(f, I) on the active outputs: −log p = ½‖ỹ − f‖².
+                eps = jax.random.normal(keys[i], logits.shape, logits.dtype)
+                target = jax.lax.stop_gradient(logits + eps)
+                return 0.5 * jnp.sum(m * jnp.square(target - logits))
+            ml = losses.masked_logits(logits, m)
+            y = jax.random.categorical(keys[i], jax.lax.stop_gradient(ml))
+            return -jax.nn.log_softmax(ml)[y]
+
+        grads = _per_example_grads(state, state.params, batch, neg_log_lik)
+        diag = jax.tree.map(
+            lambda g: _weighted_mean(
+                jnp.square(g), batch.get('weight'), axis_name
+            ),
+            grads,
+        )
+        return DiagonalCurvature(diag=_restrict_head(diag, self.head))
+
+
+@dataclasses.dataclass(frozen=True)
+class MAS:
+    """Memory-aware synapses: Ω = E_n |∂‖f(x_n)‖²/∂θ| (active outputs).
+
+    Attributes:
+      head: include the head (False: task-IL).
+    """
+
+    head: bool = True
+
+    name = 'mas'
+
+    def batch(
+        self,
+        state,
+        batch: Batch,
+        rng: jax.Array,
+        *,
+        axis_name: Optional[str] = None,
+    ) -> DiagonalCurvature:
+        """E_n |∂‖f(x_n)‖²/∂θ| for one batch (`rng` is unused)."""
+        del rng
+        n = batch['image'].shape[0]
+        mask = jnp.broadcast_to(
+            _class_mask(state, batch), (n, state.class_mask.shape[0])
+        )
+
+        def sq_norm(logits, i):
+            return jnp.sum(mask[i] * jnp.square(logits))
+
+        grads = _per_example_grads(state, state.params, batch, sq_norm)
+        diag = jax.tree.map(
+            lambda g: _weighted_mean(jnp.abs(g), batch.get('weight'), axis_name),
+            grads,
+        )
+        return DiagonalCurvature(diag=_restrict_head(diag, self.head))
+
+
+CurvatureKind = Union[KFAC, EWC, MAS]
+
+#: Kinds by the names that `MethodConfig.regularizer` accepts.
+KINDS = {
+    'kfac': lambda head: KFAC(restricted=False, head=head),
+    'tkfac': lambda head: KFAC(restricted=True, head=head),
+    'ewc': lambda head: EWC(head=head),
+    'mas': lambda head: MAS(head=head),
+}
+
+
+def zeros(kind: CurvatureKind, state, example_batch: Batch) -> Curvature:
+    """A zero curvature of `kind` with the shapes the state's model gives."""
+    shapes = jax.eval_shape(
+        lambda: kind.batch(state, example_batch, jax.random.key(0))
+    )
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
