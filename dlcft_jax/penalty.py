@@ -115,18 +115,19 @@ def quadratic_penalty(
 
         def active():
             hv = state.curvature.matvec(delta)
-            return hv, 0.5 * optax.tree.vdot(delta, hv)
+            value = 0.5 * optax.tree.vdot(delta, hv)
+            return hv, value.astype(state.last_value.dtype)
 
         def inactive():
-            return jax.tree.map(jnp.zeros_like, delta), jnp.zeros(
-                (), jnp.float32
+            return jax.tree.map(jnp.zeros_like, delta), jnp.zeros_like(
+                state.last_value
             )
 
         hv, value = jax.lax.cond(state.num_tasks > 0, active, inactive)
         out = jax.tree.map(lambda g, h: (g + t * h) / (t + 1.0), grads, hv)
         if proximal > 0:
             out = jax.tree.map(lambda g, d: g + proximal * d, out, delta)
-        return out, state.replace(last_value=value.astype(jnp.float32))
+        return out, state.replace(last_value=value)
 
     return optax.GradientTransformation(init, update)
 

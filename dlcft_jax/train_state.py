@@ -560,7 +560,8 @@ def step(
           and DER++ weigh current and replayed rows with it);
         'logit_target' (B, C) and 'logit_scale' (B,): adds mean_n u_n ·
           mean_c (f_nc − z_nc)² (DER's term on logits stored at insertion);
-        'distill_mask' (B, C): the old outputs for `config.distill` (LwF).
+        'distill_mask' (B, C): the old outputs for `config.distill` (LwF;
+          default: the active outputs).
       axis_name: the mapped axis to average gradients and metrics over, when
         the step runs under `pmap` or `shard_map`; None on one device.
 
@@ -607,10 +608,13 @@ def step(
         reg = jnp.zeros((), jnp.float32)
         total = data
         if cfg.distill != 'none':
+            old = batch.get('distill_mask')
+            if old is None:  # every active output (data-IL)
+                old = jnp.broadcast_to(class_mask, logits.shape)
             reg = distill_loss(
                 logits,
                 teacher,
-                batch['distill_mask'],
+                old,
                 kind=cfg.distill,
                 temperature=cfg.distill_temperature,
                 group_size=cfg.distill_group_size,

@@ -37,7 +37,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import difflib
 import json
 import math
 import os
@@ -103,9 +103,12 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         config.setting in SETTINGS,
         f'config.setting={config.setting!r} is unknown; use one of {SETTINGS}.',
     )
+    close = difflib.get_close_matches(str(config.method), METHODS, n=1)
     need(
         config.method in METHODS,
-        f'config.method={config.method!r} is unknown; use one of {METHODS}.',
+        f'config.method={config.method!r} is unknown'
+        + (f' (did you mean {close[0]!r}?)' if close else '')
+        + f'; use one of {METHODS}.',
     )
     need(
         config.data.num_tasks >= 1 and config.data.classes_per_task >= 1,
