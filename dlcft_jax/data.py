@@ -9,6 +9,9 @@ Contents:
   * `class_incremental_split`, `task_indices`: class-incremental task splits.
   * `augment_crop_flip`: random crop with zero padding and horizontal flip.
   * `batches`, `eval_batches`: static-shape minibatch iterators.
+  * `epoch_positions`, `RowRandom`: counter-based shuffling and per-row
+    random numbers (a draw depends only on its counters, so resumed and
+    multi-host runs see the same batches and augmentations).
   * `ReplayBuffer`: reservoir-sampling replay memory (as in the mammoth
     continual-learning framework), with a checkpointable state.
 """
@@ -372,6 +375,81 @@ def eval_batches(
             y = np.concatenate([y, np.zeros((fill,), y.dtype)])
             mask[real:] = 0.0
         yield {'image': x, 'label': y, 'mask': mask}
+
+
+# ---------------------------------------------------------------------------
+# Counter-based randomness: every draw a pure function of its counters.
+# ---------------------------------------------------------------------------
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective hash of uint64 values."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class RowRandom:
+    """Per-row random numbers that depend only on (counters, row index).
+
+    Duck-types the two `np.random.Generator` methods the augmentations use
+    (`integers`, `random`). Call d of the transform gives row i the value
+    hash(counters, i, d), so a row's augmentation is the same whichever
+    host or device processes it, and a batch needs no generator per row.
+    """
+
+    def __init__(self, counters: tuple[int, ...], rows: np.ndarray):
+        key = np.zeros((), np.uint64)
+        with np.errstate(over='ignore'):
+            for c in counters:
+                key = _mix(key + np.uint64(c) + np.uint64(0x9E3779B97F4A7C15))
+            self._rows = _mix(key + np.asarray(rows, np.uint64))
+        self._draw = 0
+
+    def random(self, size: int) -> np.ndarray:
+        """Uniform [0, 1) floats, one per row."""
+        assert size == len(self._rows), (size, len(self._rows))
+        self._draw += 1
+        with np.errstate(over='ignore'):
+            bits = _mix(
+                self._rows
+                + np.uint64(self._draw) * np.uint64(0xD1B54A32D192ED03)
+            )
+        return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+    def integers(self, low, high, size: int) -> np.ndarray:
+        """Integers in [low, high) (bounds may be per-row arrays)."""
+        u = self.random(size)
+        low = np.asarray(low, np.int64)
+        span = np.asarray(high, np.int64) - low
+        return low + np.minimum((u * span).astype(np.int64), span - 1)
+
+
+def epoch_positions(
+    n: int, start: int, count: int, key: Sequence[int]
+) -> np.ndarray:
+    """Positions start..start+count of an endless shuffled order of n items.
+
+    Epoch e of the order is `default_rng([*key, e]).permutation(n)`, so any
+    step's batch is known without replaying the steps before it (exact
+    resume, and every host draws the same global batch).
+
+    Args:
+      n: number of items.
+      start: first position (step k of batch size b: k·b).
+      count: how many positions.
+      key: integers that name the order, e.g. (seed, stream, task).
+
+    Returns:
+      (count,) int64 item indices.
+    """
+    pos = np.arange(start, start + count)
+    out = np.empty((count,), np.int64)
+    for e in np.unique(pos // n):
+        sel = pos // n == e
+        perm = np.random.default_rng([*key, int(e)]).permutation(n)
+        out[sel] = perm[pos[sel] % n]
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -58,7 +58,8 @@ import dlcft_jax as dj
 from dlcft_jax import losses, parallel
 from dlcft_jax import metrics as metrics_lib
 from dlcft_jax import prototypes
-from dlcft_jax.data import ReplayBuffer
+from dlcft_jax import data as data_lib
+from dlcft_jax.data import ReplayBuffer, RowRandom
 from experiments import datasets, methods, reporting
 
 SETTINGS = methods.SETTINGS
@@ -577,64 +578,14 @@ def _rng(config, stream: int, *counters: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, stream, *counters])
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijective hash of uint64 values."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-class RowRandom:
-    """Per-row random numbers that depend only on (counters, row index).
-
-    Duck-types the two `np.random.Generator` methods the augmentations use
-    (`integers`, `random`). Call d of the transform gives row i the value
-    hash(counters, i, d), so a row's augmentation is the same whichever
-    host or device processes it, and a batch needs no generator per row.
-    """
-
-    def __init__(self, counters: tuple[int, ...], rows: np.ndarray):
-        key = np.zeros((), np.uint64)
-        with np.errstate(over='ignore'):
-            for c in counters:
-                key = _mix(key + np.uint64(c) + np.uint64(0x9E3779B97F4A7C15))
-            self._rows = _mix(key + np.asarray(rows, np.uint64))
-        self._draw = 0
-
-    def random(self, size: int) -> np.ndarray:
-        """Uniform [0, 1) floats, one per row."""
-        assert size == len(self._rows), (size, len(self._rows))
-        self._draw += 1
-        with np.errstate(over='ignore'):
-            bits = _mix(
-                self._rows
-                + np.uint64(self._draw) * np.uint64(0xD1B54A32D192ED03)
-            )
-        return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-    def integers(self, low, high, size: int) -> np.ndarray:
-        """Integers in [low, high) (bounds may be per-row arrays)."""
-        u = self.random(size)
-        low = np.asarray(low, np.int64)
-        span = np.asarray(high, np.int64) - low
-        return low + np.minimum((u * span).astype(np.int64), span - 1)
-
-
 def epoch_indices(
     config, t: int, n: int, start: int, count: int, stream: int = _ORDER
 ) -> np.ndarray:
-    """Positions start..start+count of task t's endless shuffled order.
-
-    Epoch e of the order is a permutation drawn from (seed, stream, t, e),
-    so any step's batch is known without replaying the steps before it.
-    """
-    pos = np.arange(start, start + count)
-    out = np.empty((count,), np.int64)
-    for e in np.unique(pos // n):
-        sel = pos // n == e
-        perm = _rng(config, stream, t, int(e)).permutation(n)
-        out[sel] = perm[pos[sel] % n]
-    return out
+    """Positions start..start+count of task t's endless shuffled order
+    (`dlcft_jax.data.epoch_positions` keyed by (seed, stream, t))."""
+    return data_lib.epoch_positions(
+        n, start, count, (config.seed, stream, t)
+    )
 
 
 def host_copy(tree: Any) -> Any:
@@ -1051,20 +1002,16 @@ class _Run:
             )
 
     def _batched(self, fn, images: np.ndarray):
-        """`fn(state, x)` of `images` (test transform), over local devices."""
+        """`fn(state, x)` of `images` (test transform), over local devices,
+        in padded static-shape batches (`dlcft_jax.data.eval_batches`)."""
         bs = self.config.eval.batch_size
         bs = -(-bs // self.n_local) * self.n_local
-        for lo in range(0, len(images), bs):
-            x = datasets.test_transform(
-                self.data.augmentation, images[lo : lo + bs]
-            )
-            m = len(x)
-            if m < bs:  # pad: one static shape
-                x = np.concatenate(
-                    [x, np.zeros((bs - m,) + x.shape[1:], x.dtype)]
-                )
+        no_labels = np.zeros((len(images),), np.int32)
+        for batch in data_lib.eval_batches(images, no_labels, bs):
+            x = datasets.test_transform(self.data.augmentation, batch['image'])
             out = fn(self.state, self._to_devices({'x': x})['x'])
-            yield np.asarray(out).reshape(bs, -1)[:m]
+            real = int(batch['mask'].sum())
+            yield np.asarray(out).reshape(bs, -1)[:real]
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         return np.concatenate(list(self._batched(self.predict_fn, images)))
