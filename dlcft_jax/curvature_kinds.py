@@ -206,30 +206,35 @@ class KFAC:
         )
 
 
-def _per_example_grads(state, params, batch, per_example_objective):
-    """∂ objective(f(x_n; θ), n)/∂θ for every example n, vmapped.
+def _diagonal(state, batch, objective, stat, head, axis_name):
+    """E_n[stat(∂ objective(f(x_n; θ), m_n, n)/∂θ)], vmapped per example.
 
-    `per_example_objective(logits (C,), index)` is a scalar. Each example is
-    run as a batch of one, so BatchNorm (frozen, inference mode) and every
-    other layer see the shapes they expect.
+    `objective(logits (C,), mask (C,), n)` is a scalar; each example runs as
+    a batch of one, so BatchNorm (frozen, inference mode) and every other
+    layer see the shapes they expect. The mean is weighted by
+    `batch['weight']` (over all devices with `axis_name`).
     """
     from dlcft_jax import train_state  # pylint: disable=g-import-not-at-top
 
-    def one(x, i):
-        def objective(p):
-            logits = train_state.apply_model(state, p, x[None])[0]
-            return per_example_objective(logits, i)
-
-        return jax.grad(objective)(params)
-
     n = batch['image'].shape[0]
-    return jax.vmap(one)(batch['image'], jnp.arange(n))
+    masks = jnp.broadcast_to(
+        _class_mask(state, batch), (n, state.class_mask.shape[0])
+    )
 
+    def one(x, m, i):
+        def per_example(p):
+            return objective(train_state.apply_model(state, p, x[None])[0], m, i)
 
-def _restrict_head(diag: Params, head: bool) -> Params:
-    if head:
-        return diag
-    return {**diag, 'head': _zeros_like(diag['head'])}
+        return jax.grad(per_example)(state.params)
+
+    grads = jax.vmap(one)(batch['image'], masks, jnp.arange(n))
+    diag = jax.tree.map(
+        lambda g: _weighted_mean(stat(g), batch.get('weight'), axis_name),
+        grads,
+    )
+    if not head:
+        diag = {**diag, 'head': _zeros_like(diag['head'])}
+    return DiagonalCurvature(diag=diag)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,22 +257,22 @@ class EWC:
         *,
         axis_name: Optional[str] = None,
     ) -> DiagonalCurvature:
-        """E_n[(∂ log p(ỹ_n | x_n)/∂θ)²], ỹ_n ~ p(·|x_n), for one batch."""
+        """E_n[(∂ log p(ỹ_n | x_n)/∂θ)²], ỹ_n ~ p(·|x_n), for one batch.
+
+        Example n draws from `fold_in(rng, global index of n)`, so the draws
+        do not depend on how the batch is split over devices.
+        """
         from dlcft_jax import losses  # pylint: disable=g-import-not-at-top
 
         n = batch['image'].shape[0]
-        mask = jnp.broadcast_to(
-            _class_mask(state, batch), (n, state.class_mask.shape[0])
-        )
         offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * n
         keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(
             offset + jnp.arange(n)
         )
-        loss = state.config.loss
+        mse = state.config.loss == 'mse'
 
-        def neg_log_lik(logits, i):
-            m = mask[i]
-            if loss == 'mse':
+        def neg_log_lik(logits, m, i):
+            if mse:
                 # p(y|x) = N(f, I) on the active outputs: −log p = ½‖ỹ − f‖².
                 eps = jax.random.normal(keys[i], logits.shape, logits.dtype)
                 target = jax.lax.stop_gradient(logits + eps)
@@ -276,14 +281,9 @@ class EWC:
             y = jax.random.categorical(keys[i], jax.lax.stop_gradient(ml))
             return -jax.nn.log_softmax(ml)[y]
 
-        grads = _per_example_grads(state, state.params, batch, neg_log_lik)
-        diag = jax.tree.map(
-            lambda g: _weighted_mean(
-                jnp.square(g), batch.get('weight'), axis_name
-            ),
-            grads,
+        return _diagonal(
+            state, batch, neg_log_lik, jnp.square, self.head, axis_name
         )
-        return DiagonalCurvature(diag=_restrict_head(diag, self.head))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,20 +308,12 @@ class MAS:
     ) -> DiagonalCurvature:
         """E_n |∂‖f(x_n)‖²/∂θ| for one batch (`rng` is unused)."""
         del rng
-        n = batch['image'].shape[0]
-        mask = jnp.broadcast_to(
-            _class_mask(state, batch), (n, state.class_mask.shape[0])
-        )
 
-        def sq_norm(logits, i):
-            return jnp.sum(mask[i] * jnp.square(logits))
+        def sq_norm(logits, m, i):
+            del i
+            return jnp.sum(m * jnp.square(logits))
 
-        grads = _per_example_grads(state, state.params, batch, sq_norm)
-        diag = jax.tree.map(
-            lambda g: _weighted_mean(jnp.abs(g), batch.get('weight'), axis_name),
-            grads,
-        )
-        return DiagonalCurvature(diag=_restrict_head(diag, self.head))
+        return _diagonal(state, batch, sq_norm, jnp.abs, self.head, axis_name)
 
 
 CurvatureKind = Union[KFAC, EWC, MAS]

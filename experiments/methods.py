@@ -115,6 +115,19 @@ def _mammoth(**fixed):
     )
 
 
+def _buffer_method(replay: str) -> Method:
+    """ER / DER / DER++: Mammoth's optimizer, stream insertion, every weight
+    trained, BatchNorm statistics trained."""
+    return Method(
+        _mammoth(),
+        replay=replay,
+        insert='stream',
+        needs_buffer=True,
+        trainable='all',
+        bn_train=True,
+    )
+
+
 _LIN = dict(linearized=True, optimizer='adam', learning_rate=1e-4)
 
 METHODS: dict[str, Method] = {
@@ -138,29 +151,9 @@ METHODS: dict[str, Method] = {
     ),
     'kfac_nonlin_mse': Method(_preset(dj.MethodConfig.osla, loss='mse')),
     'kfac_nonlin_sce': Method(dj.MethodConfig.osla),
-    'er': Method(
-        _mammoth(),
-        insert='stream',
-        needs_buffer=True,
-        trainable='all',
-        bn_train=True,
-    ),
-    'der': Method(
-        _mammoth(),
-        replay='der',
-        insert='stream',
-        needs_buffer=True,
-        trainable='all',
-        bn_train=True,
-    ),
-    'derpp': Method(
-        _mammoth(),
-        replay='derpp',
-        insert='stream',
-        needs_buffer=True,
-        trainable='all',
-        bn_train=True,
-    ),
+    'er': _buffer_method('labels'),
+    'der': _buffer_method('der'),
+    'derpp': _buffer_method('derpp'),
     'ncm': Method(dj.MethodConfig.finetune, replay='none', training_free='ncm'),
     'ranpac': Method(
         dj.MethodConfig.finetune, replay='none', training_free='ranpac'
