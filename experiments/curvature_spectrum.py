@@ -641,49 +641,71 @@ def summary_table(result: dict) -> str:
 # Command line.
 # ---------------------------------------------------------------------------
 
-_BACKBONE = flags.DEFINE_enum(
-    'backbone',
-    'efficientnet_lite0',
-    ['efficientnet_lite0', 'small_cnn'],
-    'efficientnet_lite0 (ImageNet weights) or small_cnn (tiny, random; tests).',
-)
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 32, 'Input resolution.')
-_NPZ_DIR = flags.DEFINE_string(
-    'npz_dir',
-    None,
-    'Folder with train.npz (image uint8 NHWC, label); default: the committed '
-    'CIFAR-10 subset experiments/data/cifar10_5x2.',
-)
-_STEPS = flags.DEFINE_integer('steps', 300, 'Fine-tuning steps per loss.')
-_EVERY = flags.DEFINE_integer('every', 50, 'Record every this many steps.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Training batch size.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Batch order and pseudo-targets.')
-_LR = flags.DEFINE_float('learning_rate', 1e-4, 'Adam learning rate.')
-_WD = flags.DEFINE_float('weight_decay', 1e-5, 'Coupled L2 coefficient.')
-_CLIP = flags.DEFINE_float('clip_norm', 1.0, 'Global-norm clipping (0: off).')
-_CURV_BATCHES = flags.DEFINE_integer(
-    'curvature_batches', 8, 'Batches the curvature is averaged over.'
-)
-_CURV_BATCH_SIZE = flags.DEFINE_integer(
-    'curvature_batch_size', None, 'Their size (default: --batch_size).'
-)
-_LAYER = flags.DEFINE_string(
-    'layer',
-    None,
-    "The backbone layer's key, e.g. head_conv or blocks_15/project_conv "
-    '(default: the last conv / dense layer).',
-)
-_TOP_K = flags.DEFINE_integer('top_k', 10, 'Eigenvalues kept per block.')
-_HEAD_INIT = flags.DEFINE_enum(
-    'head_init',
-    'torch',
-    ['torch', 'zeros'],
-    'Initial head: torch (uniform in +-1/sqrt(D), a fresh nn.Linear) or zeros '
-    "(the library's default; the layer's curvature then starts at 0).",
-)
-_OUT = flags.DEFINE_string(
-    'out', 'runs/curvature_spectrum', 'Folder for spectrum.json / .png.'
-)
+_BACKBONE = None  # set by define_flags()
+_IMAGE_SIZE = None  # set by define_flags()
+_NPZ_DIR = None  # set by define_flags()
+_STEPS = None  # set by define_flags()
+_EVERY = None  # set by define_flags()
+_BATCH_SIZE = None  # set by define_flags()
+_SEED = None  # set by define_flags()
+_LR = None  # set by define_flags()
+_WD = None  # set by define_flags()
+_CLIP = None  # set by define_flags()
+_CURV_BATCHES = None  # set by define_flags()
+_CURV_BATCH_SIZE = None  # set by define_flags()
+_LAYER = None  # set by define_flags()
+_TOP_K = None  # set by define_flags()
+_HEAD_INIT = None  # set by define_flags()
+_OUT = None  # set by define_flags()
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program, so that
+    importing this module next to another absl program defines nothing)."""
+    global _BACKBONE, _IMAGE_SIZE, _NPZ_DIR, _STEPS, _EVERY, _BATCH_SIZE, _SEED, _LR, _WD, _CLIP, _CURV_BATCHES, _CURV_BATCH_SIZE, _LAYER, _TOP_K, _HEAD_INIT, _OUT
+    _BACKBONE = flags.DEFINE_enum(
+        'backbone',
+        'efficientnet_lite0',
+        ['efficientnet_lite0', 'small_cnn'],
+        'efficientnet_lite0 (ImageNet weights) or small_cnn (tiny, random; tests).',
+    )
+    _IMAGE_SIZE = flags.DEFINE_integer('image_size', 32, 'Input resolution.')
+    _NPZ_DIR = flags.DEFINE_string(
+        'npz_dir',
+        None,
+        'Folder with train.npz (image uint8 NHWC, label); default: the committed '
+        'CIFAR-10 subset experiments/data/cifar10_5x2.',
+    )
+    _STEPS = flags.DEFINE_integer('steps', 300, 'Fine-tuning steps per loss.')
+    _EVERY = flags.DEFINE_integer('every', 50, 'Record every this many steps.')
+    _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Training batch size.')
+    _SEED = flags.DEFINE_integer('seed', 0, 'Batch order and pseudo-targets.')
+    _LR = flags.DEFINE_float('learning_rate', 1e-4, 'Adam learning rate.')
+    _WD = flags.DEFINE_float('weight_decay', 1e-5, 'Coupled L2 coefficient.')
+    _CLIP = flags.DEFINE_float('clip_norm', 1.0, 'Global-norm clipping (0: off).')
+    _CURV_BATCHES = flags.DEFINE_integer(
+        'curvature_batches', 8, 'Batches the curvature is averaged over.'
+    )
+    _CURV_BATCH_SIZE = flags.DEFINE_integer(
+        'curvature_batch_size', None, 'Their size (default: --batch_size).'
+    )
+    _LAYER = flags.DEFINE_string(
+        'layer',
+        None,
+        "The backbone layer's key, e.g. head_conv or blocks_15/project_conv "
+        '(default: the last conv / dense layer).',
+    )
+    _TOP_K = flags.DEFINE_integer('top_k', 10, 'Eigenvalues kept per block.')
+    _HEAD_INIT = flags.DEFINE_enum(
+        'head_init',
+        'torch',
+        ['torch', 'zeros'],
+        'Initial head: torch (uniform in +-1/sqrt(D), a fresh nn.Linear) or zeros '
+        "(the library's default; the layer's curvature then starts at 0).",
+    )
+    _OUT = flags.DEFINE_string(
+        'out', 'runs/curvature_spectrum', 'Folder for spectrum.json / .png.'
+    )
 
 
 def build(backbone: str, image_size: int, seed: int):
@@ -773,4 +795,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)

@@ -829,40 +829,54 @@ def write_tables(paths: Sequence[str], out: str) -> str:
 # Command line.
 # ---------------------------------------------------------------------------
 
-_PLAN = flags.DEFINE_bool(
-    'plan', False, 'Print the preparation and the command of every cell.'
-)
-_RUNS = flags.DEFINE_multi_string(
-    'runs',
-    None,
-    'Run directories, results.json files or folders searched recursively '
-    '(`--runs A B C` or `--runs A --runs B`); default: --runs_root.',
-)
-_OUT = flags.DEFINE_string(
-    'out', None, 'Markdown file to write (default: RUNS_ROOT/tables.md).'
-)
-_RUNS_ROOT = flags.DEFINE_string(
-    'runs_root', 'runs/paper', 'Folder of the run directories.'
-)
-_BACKBONE_CIFAR = flags.DEFINE_string(
-    'backbone_cifar',
-    None,
-    'backbone.npz of experiments.pretrain (fills CIFAR_BACKBONE).',
-)
-_BACKBONE_MIT67 = flags.DEFINE_string(
-    'backbone_mit67',
-    None,
-    'ResNet-18 .pth or backbone.npz for MIT-67 (fills MIT67_BACKBONE).',
-)
-_MIT67_DIR = flags.DEFINE_string(
-    'mit67_dir', None, 'The MIT Indoor-67 folder (fills MIT67_DIR).'
-)
-_SEEDS = flags.DEFINE_list(
-    'seeds',
-    [],
-    'Seeds: one command per seed (--config.seed=S, workdir suffix -seedS); '
-    "default: one run with the config's seed.",
-)
+_PLAN = None  # set by define_flags()
+_RUNS = None  # set by define_flags()
+_OUT = None  # set by define_flags()
+_RUNS_ROOT = None  # set by define_flags()
+_BACKBONE_CIFAR = None  # set by define_flags()
+_BACKBONE_MIT67 = None  # set by define_flags()
+_MIT67_DIR = None  # set by define_flags()
+_SEEDS = None  # set by define_flags()
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program, so that
+    importing this module next to another absl program defines nothing)."""
+    global _PLAN, _RUNS, _OUT, _RUNS_ROOT, _BACKBONE_CIFAR, _BACKBONE_MIT67, _MIT67_DIR, _SEEDS
+    _PLAN = flags.DEFINE_bool(
+        'plan', False, 'Print the preparation and the command of every cell.'
+    )
+    _RUNS = flags.DEFINE_multi_string(
+        'runs',
+        None,
+        'Run directories, results.json files or folders searched recursively '
+        '(`--runs A B C` or `--runs A --runs B`); default: --runs_root.',
+    )
+    _OUT = flags.DEFINE_string(
+        'out', None, 'Markdown file to write (default: RUNS_ROOT/tables.md).'
+    )
+    _RUNS_ROOT = flags.DEFINE_string(
+        'runs_root', 'runs/paper', 'Folder of the run directories.'
+    )
+    _BACKBONE_CIFAR = flags.DEFINE_string(
+        'backbone_cifar',
+        None,
+        'backbone.npz of experiments.pretrain (fills CIFAR_BACKBONE).',
+    )
+    _BACKBONE_MIT67 = flags.DEFINE_string(
+        'backbone_mit67',
+        None,
+        'ResNet-18 .pth or backbone.npz for MIT-67 (fills MIT67_BACKBONE).',
+    )
+    _MIT67_DIR = flags.DEFINE_string(
+        'mit67_dir', None, 'The MIT Indoor-67 folder (fills MIT67_DIR).'
+    )
+    _SEEDS = flags.DEFINE_list(
+        'seeds',
+        [],
+        'Seeds: one command per seed (--config.seed=S, workdir suffix -seedS); '
+        "default: one run with the config's seed.",
+    )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -897,4 +911,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)
