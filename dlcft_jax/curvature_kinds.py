@@ -223,7 +223,9 @@ def _diagonal(state, batch, objective, stat, head, axis_name):
 
     def one(x, m, i):
         def per_example(p):
-            return objective(train_state.apply_model(state, p, x[None])[0], m, i)
+            return objective(
+                train_state.apply_model(state, p, x[None])[0], m, i
+            )
 
         return jax.grad(per_example)(state.params)
 

@@ -206,7 +206,8 @@ def _map(fn: Callable[[Any], Any], opt_state):
 
 def _find(opt_state, cls):
     found = [
-        x for x in jax.tree.leaves(opt_state, is_leaf=_is_node)
+        x
+        for x in jax.tree.leaves(opt_state, is_leaf=_is_node)
         if isinstance(x, cls)
     ]
     return found[0] if found else None
@@ -220,9 +221,9 @@ def find(opt_state) -> Optional[PenaltyState]:
 def with_curvature(opt_state, curvature: kinds.Curvature):
     """Sets the curvature (e.g. zeros of the right shapes) of every penalty."""
     return _map(
-        lambda s: s.replace(curvature=curvature)
-        if isinstance(s, PenaltyState)
-        else s,
+        lambda s: (
+            s.replace(curvature=curvature) if isinstance(s, PenaltyState) else s
+        ),
         opt_state,
     )
 
@@ -264,9 +265,9 @@ def set_num_steps(opt_state, num_steps) -> Any:
     """Sets N_t of every `per_task_schedule` in the state."""
     n = jnp.asarray(num_steps, jnp.int32)
     return _map(
-        lambda s: s.replace(num_steps=n)
-        if isinstance(s, TaskScheduleState)
-        else s,
+        lambda s: (
+            s.replace(num_steps=n) if isinstance(s, TaskScheduleState) else s
+        ),
         opt_state,
     )
 

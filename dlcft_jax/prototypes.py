@@ -96,8 +96,7 @@ def _labels(y, n: int, num_classes: int) -> np.ndarray:
     if n and (y.min() < 0 or y.max() >= num_classes):
         bad = y[(y < 0) | (y >= num_classes)][0]
         raise ValueError(
-            f'Label {bad} out of range: labels must lie in '
-            f'[0, {num_classes}).'
+            f'Label {bad} out of range: labels must lie in [0, {num_classes}).'
         )
     return y
 
@@ -171,9 +170,7 @@ def ncm_means(state: NCMState) -> np.ndarray:
     return state.sums / counts[:, None]
 
 
-def ncm_scores(
-    state: NCMState, features, metric: str = 'cosine'
-) -> np.ndarray:
+def ncm_scores(state: NCMState, features, metric: str = 'cosine') -> np.ndarray:
     """Scores (N, C) whose arg-max over classes is the NCM prediction.
 
     Args:
@@ -431,8 +428,7 @@ def choose_ridge(
     dim = np.asarray(z_train).shape[-1] if np.ndim(z_train) == 2 else -1
     if dim < 1:
         raise ValueError(
-            f'Expected z_train of shape (N, D), got shape '
-            f'{np.shape(z_train)}.'
+            f'Expected z_train of shape (N, D), got shape {np.shape(z_train)}.'
         )
     state = ranpac_init(dim, num_classes, proj_dim=proj_dim, seed=seed)
     state = ranpac_update(state, z_train, y_train)

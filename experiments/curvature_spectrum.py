@@ -176,10 +176,7 @@ def layer_delta(delta: Params, key: str) -> dict:
     has_bias, module = layers[key]
     names = ('kernel', 'bias') if has_bias else ('kernel',)
     return traverse_util.unflatten_dict(
-        {
-            module + (n,): jnp.zeros_like(flat[module + (n,)])
-            for n in names
-        }
+        {module + (n,): jnp.zeros_like(flat[module + (n,)]) for n in names}
     )
 
 
@@ -223,9 +220,7 @@ def average_curvature(
             measure(point, one_layer, head, x, jax.random.fold_in(rng, i))
         )
         stats = jax.tree.map(lambda a: np.asarray(a, np.float64), stats)
-        total = (
-            stats if total is None else jax.tree.map(np.add, total, stats)
-        )
+        total = stats if total is None else jax.tree.map(np.add, total, stats)
     return jax.tree.map(lambda a: a / len(batches), total)
 
 
@@ -371,9 +366,7 @@ def fine_tune_and_record(
             stats = average_curvature(
                 measure, point, one_layer, state.params['head'], probe, rng
             )
-            head = kron_spectrum(
-                stats['head']['A'], stats['head']['S'], top_k
-            )
+            head = kron_spectrum(stats['head']['A'], stats['head']['S'], top_k)
             lay = kron_spectrum(
                 stats['layers'][key]['A'], stats['layers'][key]['S'], top_k
             )
@@ -383,9 +376,7 @@ def fine_tune_and_record(
                     if np.ndim(stats['layers'][key]['S']) == 1
                     else 'conv/dense'
                 )
-            metrics = [
-                jax.device_get(evaluate(state, x, y)) for x, y in probe
-            ]
+            metrics = [jax.device_get(evaluate(state, x, y)) for x, y in probe]
             out['steps'].append(k)
             out['train_loss'].append(float(np.mean([m[0] for m in metrics])))
             out['train_accuracy'].append(
@@ -428,9 +419,7 @@ def probe_batches(
             f'{len(labels)} training images.'
         )
     idx = np.random.default_rng(seed + 1).permutation(len(labels))[:n]
-    return [
-        (images[i], labels[i]) for i in np.split(idx, num_batches)
-    ]
+    return [(images[i], labels[i]) for i in np.split(idx, num_batches)]
 
 
 def initial_head(
@@ -662,7 +651,23 @@ _OUT = None  # set by define_flags()
 def define_flags() -> None:
     """Defines the command-line flags (only when run as a program, so that
     importing this module next to another absl program defines nothing)."""
-    global _BACKBONE, _IMAGE_SIZE, _NPZ_DIR, _STEPS, _EVERY, _BATCH_SIZE, _SEED, _LR, _WD, _CLIP, _CURV_BATCHES, _CURV_BATCH_SIZE, _LAYER, _TOP_K, _HEAD_INIT, _OUT
+    global \
+        _BACKBONE, \
+        _IMAGE_SIZE, \
+        _NPZ_DIR, \
+        _STEPS, \
+        _EVERY, \
+        _BATCH_SIZE, \
+        _SEED, \
+        _LR, \
+        _WD, \
+        _CLIP, \
+        _CURV_BATCHES, \
+        _CURV_BATCH_SIZE, \
+        _LAYER, \
+        _TOP_K, \
+        _HEAD_INIT, \
+        _OUT
     _BACKBONE = flags.DEFINE_enum(
         'backbone',
         'efficientnet_lite0',
@@ -682,7 +687,9 @@ def define_flags() -> None:
     _SEED = flags.DEFINE_integer('seed', 0, 'Batch order and pseudo-targets.')
     _LR = flags.DEFINE_float('learning_rate', 1e-4, 'Adam learning rate.')
     _WD = flags.DEFINE_float('weight_decay', 1e-5, 'Coupled L2 coefficient.')
-    _CLIP = flags.DEFINE_float('clip_norm', 1.0, 'Global-norm clipping (0: off).')
+    _CLIP = flags.DEFINE_float(
+        'clip_norm', 1.0, 'Global-norm clipping (0: off).'
+    )
     _CURV_BATCHES = flags.DEFINE_integer(
         'curvature_batches', 8, 'Batches the curvature is averaged over.'
     )
@@ -778,8 +785,7 @@ def main(argv: Sequence[str]) -> None:
             'clip_norm': _CLIP.value,
             'alpha': dj.MethodConfig().alpha,
             'curvature_batches': _CURV_BATCHES.value,
-            'curvature_batch_size': _CURV_BATCH_SIZE.value
-            or _BATCH_SIZE.value,
+            'curvature_batch_size': _CURV_BATCH_SIZE.value or _BATCH_SIZE.value,
             'top_k': _TOP_K.value,
             'head_init': _HEAD_INIT.value,
         },

@@ -491,8 +491,7 @@ def plan_text(
             key = cell.run
             if key in printed:
                 lines.append(
-                    f'# {_cell_phrase(cell)}: the run above, '
-                    f'{printed[key]}'
+                    f'# {_cell_phrase(cell)}: the run above, {printed[key]}'
                 )
                 continue
             fills = needed[key]
@@ -516,8 +515,7 @@ def plan_text(
                     )
                 )
             printed[key] = ', '.join(
-                os.path.join(runs_root, workdir_name(key, s))
-                for s in seed_list
+                os.path.join(runs_root, workdir_name(key, s)) for s in seed_list
             )
     used = list(dict.fromkeys(n for c in cells(tables) for n in c.notes))
     if used:
@@ -666,9 +664,7 @@ def cell_value(paper: float, runs: Sequence[RunResult]) -> CellValue:
     runs are shown only when no run of the cell is complete, and never get a
     difference.
     """
-    done = [
-        r for r in runs if r.complete and r.average_accuracy is not None
-    ]
+    done = [r for r in runs if r.complete and r.average_accuracy is not None]
     partial = [
         r for r in runs if not r.complete and r.average_accuracy is not None
     ]
@@ -800,8 +796,9 @@ def tables_markdown(
         lines += ['', "## Runs not in the paper's tables", '']
         for r in sorted(other, key=lambda r: (r.key, r.path)):
             acc = (
-                '' if r.average_accuracy is None else
-                f', average accuracy {_fmt(r.average_accuracy)}'
+                ''
+                if r.average_accuracy is None
+                else f', average accuracy {_fmt(r.average_accuracy)}'
             )
             status = (
                 '' if r.complete else f', partial {r.tasks_done}/{r.num_tasks}'
@@ -842,7 +839,15 @@ _SEEDS = None  # set by define_flags()
 def define_flags() -> None:
     """Defines the command-line flags (only when run as a program, so that
     importing this module next to another absl program defines nothing)."""
-    global _PLAN, _RUNS, _OUT, _RUNS_ROOT, _BACKBONE_CIFAR, _BACKBONE_MIT67, _MIT67_DIR, _SEEDS
+    global \
+        _PLAN, \
+        _RUNS, \
+        _OUT, \
+        _RUNS_ROOT, \
+        _BACKBONE_CIFAR, \
+        _BACKBONE_MIT67, \
+        _MIT67_DIR, \
+        _SEEDS
     _PLAN = flags.DEFINE_bool(
         'plan', False, 'Print the preparation and the command of every cell.'
     )

@@ -461,7 +461,10 @@ def union_task(tasks: list[Task]) -> Task:
         np.concatenate([task.train_rows for task in tasks]),
         np.concatenate([task.test_rows for task in tasks]),
         np.concatenate(
-            [np.full(len(task.train_idx), j, np.int32) for j, task in enumerate(tasks)]
+            [
+                np.full(len(task.train_idx), j, np.int32)
+                for j, task in enumerate(tasks)
+            ]
         ),
     )
 
@@ -583,9 +586,7 @@ def epoch_indices(
 ) -> np.ndarray:
     """Positions start..start+count of task t's endless shuffled order
     (`dlcft_jax.data.epoch_positions` keyed by (seed, stream, t))."""
-    return data_lib.epoch_positions(
-        n, start, count, (config.seed, stream, t)
-    )
+    return data_lib.epoch_positions(n, start, count, (config.seed, stream, t))
 
 
 def host_copy(tree: Any) -> Any:
@@ -666,9 +667,13 @@ class _Run:
         self.replay_bs = _replay_batch(config)
         self.replay_rows = _replay_rows(config)
         self.insert = _insert_mode(config)
-        self.store_logits = config.replay.store_logits or self.method.replay in (
-            'der',
-            'derpp',
+        self.store_logits = (
+            config.replay.store_logits
+            or self.method.replay
+            in (
+                'der',
+                'derpp',
+            )
         )
         self.buffer = (
             ReplayBuffer(buffer_size(config)) if self.replay_bs else None
@@ -1047,8 +1052,15 @@ class _Run:
                 proj_dim=opts.ranpac_dim,
                 seed=cfg.seed,
             )
-            self.log({'event': 'ranpac_ridge', 'ridge': ridge,
-                      'validation_accuracy': {str(k): v for k, v in scores.items()}})
+            self.log(
+                {
+                    'event': 'ranpac_ridge',
+                    'ridge': ridge,
+                    'validation_accuracy': {
+                        str(k): v for k, v in scores.items()
+                    },
+                }
+            )
             self.free = {
                 'ridge': ridge,
                 'state': prototypes.ranpac_init(

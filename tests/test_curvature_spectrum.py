@@ -177,7 +177,9 @@ def test_one_layer_estimate_equals_the_full_estimator(loss):
         assert list(one['layers']) == [key]
         for f in ('A', 'S'):
             np.testing.assert_allclose(
-                one['layers'][key][f], full['layers'][key][f], rtol=1e-5,
+                one['layers'][key][f],
+                full['layers'][key][f],
+                rtol=1e-5,
                 atol=1e-6,
             )
             np.testing.assert_allclose(

@@ -60,9 +60,9 @@ def _state(config, seed=1, **kwargs):
 
 def _per_example_grad(state, x, objective):
     """∂ objective(f(x; θ))/∂θ for one example, plain autodiff."""
-    return jax.grad(
-        lambda p: objective(ts.apply_model(state, p, x[None])[0])
-    )(state.params)
+    return jax.grad(lambda p: objective(ts.apply_model(state, p, x[None])[0]))(
+        state.params
+    )
 
 
 @pytest.mark.parametrize('loss', ['ce', 'mse'])
@@ -127,7 +127,8 @@ def test_diagonal_penalty_is_half_weighted_squared_distance_and_task_head():
     )
     # task-IL: no head entries in the penalty
     assert all(
-        float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(curv.diag['head'])
+        float(jnp.max(jnp.abs(x))) == 0.0
+        for x in jax.tree.leaves(curv.diag['head'])
     )
     delta = jax.tree.map(lambda a: jnp.full_like(a, 0.5), state.params)
     want = 0.5 * sum(
@@ -169,14 +170,10 @@ def test_lwf_target_is_the_frozen_previous_model(kind):
     if kind == 'kl':
         p = jax.nn.softmax(teacher[:, :2])
         want = jnp.mean(
-            jnp.sum(
-                p * (jnp.log(p) - jax.nn.log_softmax(student[:, :2])), -1
-            )
+            jnp.sum(p * (jnp.log(p) - jax.nn.log_softmax(student[:, :2])), -1)
         )
     else:
-        want = jnp.mean(
-            0.5 * jnp.sum(jnp.square(student - teacher)[:, :2], -1)
-        )
+        want = jnp.mean(0.5 * jnp.sum(jnp.square(student - teacher)[:, :2], -1))
     np.testing.assert_allclose(m['penalty'], want, rtol=1e-5)
     np.testing.assert_allclose(
         m['loss'], (m['data_loss'] + 1.0 * want) / 2.0, rtol=1e-5
@@ -210,11 +207,15 @@ def test_der_uses_stored_logits_and_derpp_adds_ce_on_buffer_labels(variant):
     kind = np.array([0] * b + [1] * r + ([2] * r if variant == 'derpp' else []))
     alpha, beta = 0.3, 0.5
     stored = np.random.default_rng(3).normal(size=(n, C)).astype(np.float32)
-    label_scale = np.where(kind == 0, n / b, np.where(kind == 2, beta * n / r, 0))
+    label_scale = np.where(
+        kind == 0, n / b, np.where(kind == 2, beta * n / r, 0)
+    )
     batch = {
         **batch,
         'label_scale': jnp.asarray(label_scale, jnp.float32),
-        'logit_scale': jnp.asarray(np.where(kind == 1, alpha * n / r, 0.0), jnp.float32),
+        'logit_scale': jnp.asarray(
+            np.where(kind == 1, alpha * n / r, 0.0), jnp.float32
+        ),
         'logit_target': jnp.asarray(stored),
     }
     _, m = dj.step(state, batch)
@@ -251,13 +252,22 @@ def test_osla_curvature_is_kfac_of_the_nonlinear_net_with_sampled_labels():
         class_mask=state.class_mask,
     )
     jax.tree.map(
-        np.testing.assert_allclose, got.as_dict(), want, is_leaf=lambda x: x is None
+        np.testing.assert_allclose,
+        got.as_dict(),
+        want,
+        is_leaf=lambda x: x is None,
     )
     # The head's output factor: E[(p − onehot(ỹ))(p − onehot(ỹ))ᵀ] with
     # ỹ ~ softmax(f) of the non-linear network at ψ0 + Δ.
-    f = lin.shifted_apply(
-        state.apply_fn, state.params0, state.params['backbone'], batch['image']
-    ) @ state.params['head']['kernel']
+    f = (
+        lin.shifted_apply(
+            state.apply_fn,
+            state.params0,
+            state.params['backbone'],
+            batch['image'],
+        )
+        @ state.params['head']['kernel']
+    )
     rows = []
     for i in range(6):
         y = jax.random.categorical(jax.random.fold_in(rng, i), f[i])
@@ -275,7 +285,9 @@ def test_osla_curvature_is_kfac_of_the_nonlinear_net_with_sampled_labels():
         linearized=True,
         loss='ce',
     )
-    assert not np.allclose(got.layers['pw']['A'], lin_stats['layers']['pw']['A'])
+    assert not np.allclose(
+        got.layers['pw']['A'], lin_stats['layers']['pw']['A']
+    )
 
 
 @pytest.mark.parametrize('kind', ['kfac', 'ewc', 'mas'])
@@ -340,9 +352,7 @@ def test_a_user_optax_chain_with_the_penalty_reproduces_the_preset_step():
         a.params,
         b.params,
     )
-    jax.tree.map(
-        np.testing.assert_allclose, a.curvature, b.curvature
-    )
+    jax.tree.map(np.testing.assert_allclose, a.curvature, b.curvature)
 
 
 def _linear_features(params, x):
@@ -381,9 +391,11 @@ def test_sequential_equals_joint_for_the_head_through_a_user_tx():
             params=jax.tree.map(lambda a: a.astype(jnp.float64), state.params),
             centre=jax.tree.map(lambda a: a.astype(jnp.float64), state.centre),
             opt_state=jax.tree.map(
-                lambda a: a.astype(jnp.float64)
-                if jnp.issubdtype(a.dtype, jnp.floating)
-                else a,
+                lambda a: (
+                    a.astype(jnp.float64)
+                    if jnp.issubdtype(a.dtype, jnp.floating)
+                    else a
+                ),
                 state.opt_state,
             ),
         )
@@ -397,7 +409,10 @@ def test_sequential_equals_joint_for_the_head_through_a_user_tx():
         # Joint: least squares of the mean of the task losses (equal sizes).
         x = np.concatenate([np.asarray(b['image']) for b in tasks])
         xb = np.concatenate([x, np.ones((len(x), 1))], 1)
-        y = 15.0 * np.eye(C)[np.concatenate([np.asarray(b['label']) for b in tasks])]
+        y = (
+            15.0
+            * np.eye(C)[np.concatenate([np.asarray(b['label']) for b in tasks])]
+        )
         w_joint = np.linalg.lstsq(xb, y, rcond=None)[0]
         got = np.concatenate(
             [state.params['head']['kernel'], state.params['head']['bias'][None]]
@@ -442,7 +457,11 @@ def test_bn_train_updates_the_batchnorm_statistics():
     cfg = dj.MethodConfig.finetune(bn_train=True)
     with pytest.raises(ValueError, match='train_apply_fn'):
         dj.create_state(
-            net.apply, v, num_classes=C, example_input=_batch()['image'], config=cfg
+            net.apply,
+            v,
+            num_classes=C,
+            example_input=_batch()['image'],
+            config=cfg,
         )
     state = dj.create_state(
         net.apply,

@@ -16,9 +16,11 @@ from dlcft_jax.models.small_cnn import init_small
 
 def _f64(tree):
     return jax.tree.map(
-        lambda a: a.astype(jnp.float64)
-        if jnp.issubdtype(a.dtype, jnp.floating)
-        else a,
+        lambda a: (
+            a.astype(jnp.float64)
+            if jnp.issubdtype(a.dtype, jnp.floating)
+            else a
+        ),
         tree,
     )
 
@@ -26,9 +28,7 @@ def _f64(tree):
 def _penalty(state, params):
     """R(θ) = ½ δᵀ H̄ δ from the penalty state in the optimizer state."""
     anchor = state.penalty_state.anchor
-    return state.curvature.quadratic(
-        jax.tree.map(jnp.subtract, params, anchor)
-    )
+    return state.curvature.quadratic(jax.tree.map(jnp.subtract, params, anchor))
 
 
 def _tasks(num_tasks, b=12, num_classes=3, seed=0):

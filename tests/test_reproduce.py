@@ -104,9 +104,7 @@ def test_plan_prints_one_command_per_distinct_run():
 def test_plan_groups_commands_by_table_after_the_preparation():
     text = _cli('--plan').stdout
     lines = text.splitlines()
-    first_command = next(
-        i for i, l in enumerate(lines) if l.startswith(_RUN)
-    )
+    first_command = next(i for i, l in enumerate(lines) if l.startswith(_RUN))
     prep = '\n'.join(lines[:first_command])
     assert 'tfds build cifar100' in prep
     assert (
@@ -129,12 +127,15 @@ def test_plan_groups_commands_by_table_after_the_preparation():
             section[(setting, benchmark, method)] = lines[start]
     assert {k for k, v in section.items() if v == lines[data_il]} == {
         k for k in EXPECTED_RUNS if k[0] == 'data_il'
-    } - {('data_il', b, 'kfac_lin_sce') for b in ('seq_cifar100',
-                                                 'seq_cifar100_100')}
+    } - {
+        ('data_il', b, 'kfac_lin_sce')
+        for b in ('seq_cifar100', 'seq_cifar100_100')
+    }
     assert section[('class_il', 'seq_cifar100', 'dlcft')] == lines[task_il]
     assert section[('class_il', 'seq_cifar100', 'osla')] == lines[ablation]
-    assert section[('data_il', 'seq_cifar100', 'kfac_lin_sce')] == (
-        lines[ablation]
+    assert (
+        section[('data_il', 'seq_cifar100', 'kfac_lin_sce')]
+        == (lines[ablation])
     )
     # The shared DLCFT run says which cells it fills, and the ablation points
     # back to it instead of printing it again.
@@ -204,9 +205,7 @@ def test_plan_fills_placeholders_root_and_seeds(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert 'CIFAR_BACKBONE --' not in text and 'MIT67_DIR --' not in text
-    commands = [
-        l for l in text.splitlines() if l.startswith(_RUN)
-    ]
+    commands = [l for l in text.splitlines() if l.startswith(_RUN)]
     assert len(commands) == 2 * len(EXPECTED_RUNS)
     assert (
         'python -m experiments.run '
@@ -392,8 +391,8 @@ def test_tables_from_run_directories(tmp_path, runs):
         '-0.91',
     ]
     # The DLCFT runs also fill the ablation's linearized + MSE cell.
-    assert ablation['linearized + MSE (= DLCFT)'][0:3] == (
-        data_il['DLCFT'][0:3]
+    assert (
+        ablation['linearized + MSE (= DLCFT)'][0:3] == (data_il['DLCFT'][0:3])
     )
     # Joint: the seq_cifar100 run is read for both CIFAR-100 columns.
     joint = data_il['Joint training (upper bound) [e]']

@@ -46,9 +46,7 @@ def _state(config=dj.MethodConfig(), b=8):
 def _penalty(state, params):
     """R(θ) = ½ δᵀ H̄ δ from the penalty state inside the optimizer state."""
     anchor = state.penalty_state.anchor
-    return state.curvature.quadratic(
-        jax.tree.map(jnp.subtract, params, anchor)
-    )
+    return state.curvature.quadratic(jax.tree.map(jnp.subtract, params, anchor))
 
 
 def _second_task(state, batch):
