@@ -39,7 +39,7 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from absl import app
 from absl import flags

@@ -55,7 +55,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import dlcft_jax as dj
-from dlcft_jax import losses, parallel
+from dlcft_jax import parallel
 from dlcft_jax import metrics as metrics_lib
 from dlcft_jax import prototypes
 from dlcft_jax import data as data_lib
