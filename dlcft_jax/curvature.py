@@ -202,7 +202,9 @@ def tapped_apply(
         if spec is None:
             raise ValueError(
                 f'Trainable layer {key} ({type(module).__name__}) is not one K-FAC '
-                'supports (nn.Dense, nn.Conv, DepthwiseConv2D); freeze it.'
+                'supports (nn.Dense, nn.Conv, DepthwiseConv2D); freeze it '
+                "(create_state's trainable=) or use a diagonal regularizer "
+                "(MethodConfig(regularizer='ewc' or 'mas'))."
             )
         y = next_fun(*args, **kwargs)
         if taps is not None:
