@@ -61,6 +61,24 @@ def _enable_jax_compilation_cache() -> None:
 _enable_jax_compilation_cache()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's in-memory caches of compiled programs after each module.
+
+    Every loaded XLA:CPU executable keeps memory mappings; the whole suite in
+    one process reached the kernel's limit (vm.max_map_count, 65,530 here)
+    and aborted in the middle of loading a program. Programs still come from
+    the persistent compilation cache when a later module needs them again.
+    """
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """Absolute path of the repository root."""
