@@ -131,3 +131,23 @@ def test_two_processes_complete_a_run(tmp_path, npz_dir, repo_root, one_device):
     results = read_results(workdir)
     assert results['num_processes'] == 2 and results['num_devices'] == 4
     _assert_same_run(results, one_device[0], workdir, one_device[1])
+
+
+def test_eight_devices_give_the_results_of_one_for_ewc(
+    tmp_path, npz_dir, repo_root
+):
+    """The diagonal Fisher's per-example gradients and sampled labels do not
+    depend on the device count either (global row index, psum of sums)."""
+    one = tmp_path / 'one'
+    expected = train.train_and_evaluate(
+        tiny_config(npz_dir, method='ewc', **SCALE), str(one)
+    )
+    workdir = tmp_path / 'eight'
+    proc = _run_cli(
+        repo_root, workdir, npz_dir, devices=8, extra=['--config.method=ewc']
+    )
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    results = read_results(workdir)
+    assert results['num_devices'] == 8 and results['method'] == 'ewc'
+    _assert_same_run(results, expected, workdir, one)
