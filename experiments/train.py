@@ -1420,7 +1420,10 @@ def train_and_evaluate(
         **_accuracy_metrics(run.acc, max(done - 1, 0), method.joint),
         'per_task': run.per_task,
         'wall_time_s': elapsed + time.time() - t_start,
-        'method_config': dataclasses.asdict(mcfg),
+        # Training-free methods train nothing: no optimizer or loss to list.
+        'method_config': None
+        if method.training_free
+        else dataclasses.asdict(mcfg),
         'config': json.loads(config.to_json_best_effort()),
         'num_devices': jax.device_count(),
         'num_processes': jax.process_count(),
