@@ -96,6 +96,12 @@ class MethodConfig:
       grad_mode: 'jvp' or 'vjp', see `linearization.tangent_apply`.
       regularize_head: include the head in the penalty (False for task-IL,
         whose per-task heads the paper leaves unregularized).
+      update_untouched_outputs: also update the head outputs that no data
+        term of the batch touches (other tasks' heads in task-IL, classes
+        not seen yet in class-IL). False (default): their rows stay put;
+        otherwise weight decay alone would move them, by up to η per step
+        through Adam's normalisation (the authors' task-IL code decays only
+        the current head).
     """
 
     linearized: bool = True
@@ -118,6 +124,7 @@ class MethodConfig:
     clip_norm: float = 1.0
     grad_mode: str = 'jvp'
     regularize_head: bool = True
+    update_untouched_outputs: bool = False
 
     def __post_init__(self):
         checks = [
@@ -641,7 +648,20 @@ def step(
 
     lr = learning_rate(state)
     opt_params = optimizer_params(state, state.params)
+    # The outputs the data terms reach (exact zeros elsewhere: masked).
+    head_g = grads['head']
+    touched = (
+        jnp.sum(jnp.abs(head_g['kernel']), 0) + jnp.abs(head_g['bias']) > 0
+    ).astype(head_g['bias'].dtype)
     updates, opt_state = state.tx.update(grads, state.opt_state, opt_params)
+    if not cfg.update_untouched_outputs:
+        updates = {
+            **updates,
+            'head': {
+                'kernel': updates['head']['kernel'] * touched,
+                'bias': updates['head']['bias'] * touched,
+            },
+        }
     params = optax.apply_updates(state.params, updates)
     pen = pen_lib.find(opt_state)
     if pen is not None:

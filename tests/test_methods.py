@@ -485,3 +485,37 @@ def test_bn_train_updates_the_batchnorm_statistics():
         new.params0['batch_stats']['bn']['mean'],
         state.params0['batch_stats']['bn']['mean'],
     )
+
+
+@pytest.mark.parametrize('update_all', [False, True])
+def test_outputs_no_data_term_touches_stay_put(update_all):
+    """Task-IL: another task's head gets no data gradient; weight decay alone
+    would move it by about η per step through Adam's normalisation."""
+    cfg = dj.MethodConfig(
+        learning_rate=1e-2, update_untouched_outputs=update_all
+    )
+    state = dj.begin_task(_state(cfg), num_steps=10)
+    batch = {
+        **_batch(),
+        'class_mask': jnp.broadcast_to(jnp.array([1.0, 1.0, 0.0]), (6, C)),
+    }
+    new, _ = dj.step(state, batch)
+    old_col = state.params['head']['kernel'][:, 2]
+    new_col = new.params['head']['kernel'][:, 2]
+    moved = float(jnp.max(jnp.abs(new_col - old_col)))
+    if update_all:
+        assert moved > 1e-3  # Adam-normalised decay: about η
+    else:
+        assert moved == 0.0
+    # The touched outputs train either way.
+    assert (
+        float(
+            jnp.max(
+                jnp.abs(
+                    new.params['head']['kernel'][:, :2]
+                    - state.params['head']['kernel'][:, :2]
+                )
+            )
+        )
+        > 1e-4
+    )
