@@ -62,12 +62,6 @@ Params = Any
 Batch = Mapping[str, jax.Array]
 
 
-def _running_mean(old, new, num_tasks):
-    """X̄ ← (t·X̄ + X)/(t+1): the average over t+1 tasks."""
-    t = jnp.asarray(num_tasks, jnp.float32)
-    return jax.tree.map(lambda a, b: (t * a + b) / (t + 1.0), old, new)
-
-
 def _zeros_like(tree):
     return jax.tree.map(jnp.zeros_like, tree)
 
@@ -93,7 +87,7 @@ class KroneckerCurvature(flax.struct.PyTreeNode):
 
     def accumulate(self, new: 'KroneckerCurvature', num_tasks) -> Any:
         """The average over t+1 tasks, t = `num_tasks` already in `self`."""
-        return _running_mean(self, new, num_tasks)
+        return curv_lib.accumulate(self, new, num_tasks)
 
     def as_dict(self) -> dict:
         """{'layers': ..., 'head': ...}, the layout of `dlcft_jax.regularizer`."""
@@ -101,9 +95,8 @@ class KroneckerCurvature(flax.struct.PyTreeNode):
 
     def quadratic(self, delta: Params) -> jax.Array:
         """½ δᵀ H δ for δ = {'backbone': Δψ sub-tree, 'head': {...}}."""
-        return reg_lib.penalty(
+        return reg_lib.quadratic_form(
             delta,
-            _zeros_like(delta),
             self.as_dict(),
             restricted=self.restricted,
             with_head=self.head is not None,
@@ -125,7 +118,7 @@ class DiagonalCurvature(flax.struct.PyTreeNode):
 
     def accumulate(self, new: 'DiagonalCurvature', num_tasks) -> Any:
         """The average over t+1 tasks, t = `num_tasks` already in `self`."""
-        return _running_mean(self, new, num_tasks)
+        return curv_lib.accumulate(self, new, num_tasks)
 
     def quadratic(self, delta: Params) -> jax.Array:
         """½ Σ d δ²."""

@@ -79,20 +79,31 @@ def default_trainable(path: Path, flat: Mapping[Path, Any]) -> bool:
 _COLLECTIONS = ('batch_stats', 'perturbations', 'intermediates', 'cache')
 
 
+def all_weights(path: Path, flat: Mapping[Path, Any]) -> bool:
+    """`trainable='all'`: every weight, BatchNorm scale and bias included,
+    never a collection of statistics (`batch_stats`, ...): those are not
+    parameters (BatchNorm in training mode updates them itself)."""
+    del flat
+    if path[0] == 'params':
+        return True
+    return path[0] not in _COLLECTIONS and 'batch_stats' not in path
+
+
 def _predicate(
     trainable: Union[None, str, TrainablePredicate],
 ) -> TrainablePredicate:
     if trainable is None or trainable == 'default':
         return default_trainable
     if trainable == 'all':
-        return lambda path, flat: True
+        return all_weights
     if trainable == 'none':
         return lambda path, flat: False
     if callable(trainable):
         return trainable
     raise ValueError(
         f'trainable={trainable!r} is not understood: pass None (conv/dense '
-        "kernels and biases), 'all', 'none' or a callable (path, flat) -> bool."
+        "kernels and biases), 'all' (every weight, no BatchNorm statistics), "
+        "'none' or a callable (path, flat) -> bool."
     )
 
 

@@ -320,12 +320,16 @@ def ranpac_solve(state: RanPACState, ridge: float) -> np.ndarray:
     if not (np.isfinite(ridge) and ridge > 0.0):
         raise ValueError(f'ridge must be positive and finite, got {ridge!r}.')
     a = state.gram + ridge * np.eye(state.gram.shape[0])
+    factor = None
     if _sla is not None:
         try:
             factor = _sla.cho_factor(a, lower=True, check_finite=False)
-            return _sla.cho_solve(factor, state.cross, check_finite=False)
         except np.linalg.LinAlgError:
-            pass
+            # Not positive definite in floating point (a tiny ridge on a
+            # rank-deficient Gram): the LU solve below still answers.
+            factor = None
+    if factor is not None:
+        return _sla.cho_solve(factor, state.cross, check_finite=False)
     return np.linalg.solve(a, state.cross)
 
 

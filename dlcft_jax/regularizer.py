@@ -29,7 +29,6 @@ expansion; no λ is tuned.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping
 
 import jax
@@ -153,7 +152,22 @@ def penalty(
     Returns:
       The scalar penalty (without the task-count weight t).
     """
-    diff = jax.tree.map(jnp.subtract, params, centre)
+    return quadratic_form(
+        jax.tree.map(jnp.subtract, params, centre),
+        curvature,
+        restricted=restricted,
+        with_head=with_head,
+    )
+
+
+def quadratic_form(
+    diff: Params,
+    curvature: Mapping[str, Any],
+    *,
+    restricted: bool = False,
+    with_head: bool = True,
+) -> jax.Array:
+    """½ δᵀ H̄ δ for a displacement δ = θ − θ_{t−1} (see `penalty`)."""
     total = (
         head_penalty(diff['head'], curvature['head'])
         if with_head
@@ -169,20 +183,6 @@ def penalty(
             module['kernel'], module.get('bias'), factors, restricted=restricted
         )
     return total
-
-
-def penalty_value_and_grad(
-    params: Params,
-    centre: Params,
-    curvature: Mapping[str, Any],
-    *,
-    restricted: bool = False,
-    with_head: bool = True,
-):
-    """(R(θ), ∇R(θ)); the gradient reuses the products of the value."""
-    return jax.value_and_grad(
-        functools.partial(penalty, restricted=restricted, with_head=with_head)
-    )(params, centre, curvature)
 
 
 def task_objective(

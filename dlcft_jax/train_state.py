@@ -410,16 +410,6 @@ def create_state(
     # Own copies on the device: steps that donate the state then never
     # invalidate the caller's pre-trained variables.
     params0 = jax.tree.map(jnp.array, params0)
-    if trainable == 'all':
-        # Every weight, never the BatchNorm statistics (they are not
-        # parameters; `bn_train` updates them).
-        trainable = lambda path, flat: (
-            path[0] == 'params'
-            or (
-                path[0] not in lin._COLLECTIONS  # pylint: disable=protected-access
-                and 'batch_stats' not in path
-            )
-        )
     delta = lin.zeros_like_trainable(params0, trainable)
     feat = jax.eval_shape(apply_fn, params0, example_input)
     if len(feat.shape) != 2:

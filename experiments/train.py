@@ -216,15 +216,14 @@ def buffer_size(config) -> int:
     if config.replay.buffer_size is not None:
         return config.replay.buffer_size
     method = methods.get(config.method)
-    if method.replay == 'none' or method.joint or method.training_free:
+    if method.replay == 'none':  # joint and the training-free methods too
         return 0
     return 200 if config.setting == 'class_il' or method.needs_buffer else 0
 
 
 def _replay_batch(config) -> int:
     """Replayed examples per draw (0 when replay is off)."""
-    method = methods.get(config.method)
-    if method.replay == 'none' or method.joint or method.training_free:
+    if methods.get(config.method).replay == 'none':
         return 0
     if buffer_size(config) == 0 or config.replay.batch_size == 0:
         return 0
@@ -667,14 +666,8 @@ class _Run:
         self.replay_bs = _replay_batch(config)
         self.replay_rows = _replay_rows(config)
         self.insert = _insert_mode(config)
-        self.store_logits = (
-            config.replay.store_logits
-            or self.method.replay
-            in (
-                'der',
-                'derpp',
-            )
-        )
+        der = self.method.replay in ('der', 'derpp')
+        self.store_logits = config.replay.store_logits or der
         self.buffer = (
             ReplayBuffer(buffer_size(config)) if self.replay_bs else None
         )
@@ -696,6 +689,7 @@ class _Run:
         self.log_file = None
         self.events = None
         self.free = None  # NCM / RanPAC state of a training-free method
+        self.test_features = {}  # task -> frozen features (training-free)
         if self.is_chief:
             self.log_file = open(workdir / 'log.jsonl', 'a', encoding='utf-8')
             self.events = reporting.EventWriter(workdir / 'tensorboard')
@@ -773,37 +767,34 @@ class _Run:
         rows = self._host_rows(total)
         n = len(task.train_idx)
         pos = epoch_indices(cfg, t, n, k * b, b)
-        # Metadata of every global row; images of this host's rows only.
-        source = [task.train_idx[pos]]
+        # Every global row: raw images, labels, task ids, which part it is
+        # in (0 current, 1/2 replay draw, 3 fill) and stored logits.
+        images = [self.data.x_train[task.train_idx[pos]]]
         labels = [task.train_rows[pos]]
         task_ids = [
             np.full(b, t, np.int32)
             if task.train_task is None
             else task.train_task[pos]
         ]
-        kind = [np.zeros(b, np.int32)]  # 0 current, 1/2 replay draw, 3 fill
+        kind = [np.zeros(b, np.int32)]
         stored = [np.zeros((b, self.num_classes), np.float32)]
-        images_of = {}  # global row -> raw image, for replayed rows
         for draw in range(self.replay_rows // max(r, 1)):
-            lo = b + draw * r
             # Draw 0 keeps the counters of the single-draw runner.
             counters = (t, k) if draw == 0 else (t, k, draw)
             if len(self.buffer):
                 rep = self.buffer.sample(r, _rng(cfg, _REPLAY, *counters))
-                source.append(np.full(r, -1))
+                images.append(rep['image'])
                 labels.append(rep['label'])
                 task_ids.append(rep['task_id'])
                 kind.append(np.full(r, 1 + draw, np.int32))
                 stored.append(
-                    rep['logits']
-                    if 'logits' in rep
-                    else np.zeros((r, self.num_classes), np.float32)
+                    rep.get(
+                        'logits', np.zeros((r, self.num_classes), np.float32)
+                    )
                 )
-                for i in range(r):
-                    images_of[lo + i] = rep['image'][i]
-            else:
+            else:  # no memory yet: more task examples keep the shape static
                 fill = _rng(cfg, _FILL, *counters).integers(0, n, size=r)
-                source.append(task.train_idx[fill])
+                images.append(self.data.x_train[task.train_idx[fill]])
                 labels.append(task.train_rows[fill])
                 task_ids.append(
                     np.full(r, t, np.int32)
@@ -812,17 +803,12 @@ class _Run:
                 )
                 kind.append(np.full(r, 3, np.int32))
                 stored.append(np.zeros((r, self.num_classes), np.float32))
-        source, labels = np.concatenate(source), np.concatenate(labels)
-        task_ids, kind = np.concatenate(task_ids), np.concatenate(kind)
-        stored = np.concatenate(stored)
-        raw = np.stack(
-            [
-                images_of[i] if i in images_of else self.data.x_train[source[i]]
-                for i in range(rows.start, rows.stop)
-            ]
-        )
+        labels, task_ids = np.concatenate(labels), np.concatenate(task_ids)
+        kind, stored = np.concatenate(kind), np.concatenate(stored)
         batch = {
-            'image': self._augment(raw, t, k, rows.start),
+            'image': self._augment(
+                np.concatenate(images)[rows], t, k, rows.start
+            ),
             'label': labels[rows].astype(np.int32),
         }
         batch.update(self._loss_terms(t, kind, task_ids, stored, rows))
@@ -848,7 +834,7 @@ class _Run:
                 np.where(kind == 1, alpha * total / r, 0.0).astype(np.float32)
             )[rows]
             out['logit_target'] = stored[rows]
-        if self.state_config.distill != 'none':
+        if self.state.config.distill != 'none':
             if cfg.setting == 'data_il':
                 old = np.ones((self.num_classes,), np.float32)
             elif cfg.setting == 'task_il':
@@ -861,10 +847,6 @@ class _Run:
                 old, (total, self.num_classes)
             )[rows]
         return out
-
-    @property
-    def state_config(self) -> dj.MethodConfig:
-        return self.state.config
 
     # -- the phases of a task ------------------------------------------------
 
@@ -1072,11 +1054,15 @@ class _Run:
             self.free['state'], self.free['ridge']
         )
 
-    def _scores(self, images: np.ndarray) -> np.ndarray:
-        """Class scores of the current model (training-free: its classifier)."""
+    def _scores(self, j: int) -> np.ndarray:
+        """Class scores on task j's test images (training-free: its
+        classifier on the frozen features, computed once per task)."""
+        images = self.data.x_test[self.tasks[j].test_idx]
         if not self.method.training_free:
             return self.logits(images)
-        z = self.features(images)
+        if j not in self.test_features:
+            self.test_features[j] = self.features(images)
+        z = self.test_features[j]
         if self.method.training_free == 'ncm':
             scores = prototypes.ncm_scores(
                 self.free, z, self.config.baselines.ncm_metric
@@ -1098,7 +1084,7 @@ class _Run:
         out = []
         for j, mask in enumerate(masks):
             task = self.tasks[j]
-            scores = self._scores(self.data.x_test[task.test_idx])
+            scores = self._scores(j)
             pred = np.argmax(np.where(mask > 0, scores, -np.inf), -1)
             out.append(100.0 * float(np.mean(pred == task.test_rows)))
         if self.config.setting == 'data_il':

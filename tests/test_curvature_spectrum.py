@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import dlcft_jax as dj
 from dlcft_jax import curvature as curv_lib
 from dlcft_jax import linearization as lin
 from experiments import curvature_spectrum as cs

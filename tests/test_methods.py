@@ -58,6 +58,16 @@ def _state(config, seed=1, **kwargs):
     return state.replace(params=params)
 
 
+def _assert_mean_equals(got, per_example):
+    """`got` equals the mean over examples of the trees in `per_example`."""
+    want = jax.tree.map(lambda *s: jnp.mean(jnp.stack(s), 0), *per_example)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-9),
+        got,
+        want,
+    )
+
+
 def _per_example_grad(state, x, objective):
     """∂ objective(f(x; θ))/∂θ for one example, plain autodiff."""
     return jax.grad(lambda p: objective(ts.apply_model(state, p, x[None])[0]))(
@@ -91,12 +101,7 @@ def test_ewc_diagonal_is_the_mean_squared_gradient_with_sampled_labels(loss):
 
         g = _per_example_grad(state, batch['image'][i], nll)
         squares.append(jax.tree.map(jnp.square, g))
-    want = jax.tree.map(lambda *s: jnp.mean(jnp.stack(s), 0), *squares)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-9),
-        got.diag,
-        want,
-    )
+    _assert_mean_equals(got.diag, squares)
 
 
 def test_mas_importance_is_the_mean_absolute_gradient_of_the_output_norm():
@@ -112,12 +117,7 @@ def test_mas_importance_is_the_mean_absolute_gradient_of_the_output_norm():
         )
         for i in range(batch['image'].shape[0])
     ]
-    want = jax.tree.map(lambda *s: jnp.mean(jnp.stack(s), 0), *grads)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-9),
-        got.diag,
-        want,
-    )
+    _assert_mean_equals(got.diag, grads)
 
 
 def test_diagonal_penalty_is_half_weighted_squared_distance_and_task_head():

@@ -23,6 +23,22 @@ class Interrupted(Exception):
     pass
 
 
+def _interrupt_after(monkeypatch, saves):
+    """Makes the runner stop right after its `saves`-th checkpoint save;
+    returns the list of global steps saved."""
+    save = train._Checkpoints.save  # pylint: disable=protected-access
+    calls = []
+
+    def save_then_stop(self, run, g, meta):
+        save(self, run, g, meta)
+        calls.append(g)
+        if len(calls) == saves:
+            raise Interrupted(g)
+
+    monkeypatch.setattr(train._Checkpoints, 'save', save_then_stop)  # pylint: disable=protected-access
+    return calls
+
+
 @pytest.mark.parametrize(
     'stop_after_saves,store_logits', [(2, False), (4, True)]
 )
@@ -39,16 +55,7 @@ def test_resume_after_an_interruption_gives_the_same_results(
 
     reference = train.train_and_evaluate(config(), str(tmp_path / 'straight'))
     workdir = tmp_path / 'interrupted'
-    save = train._Checkpoints.save  # pylint: disable=protected-access
-    calls = []
-
-    def save_then_stop(self, run, g, meta):
-        save(self, run, g, meta)
-        calls.append(g)
-        if len(calls) == stop_after_saves:
-            raise Interrupted(g)
-
-    monkeypatch.setattr(train._Checkpoints, 'save', save_then_stop)  # pylint: disable=protected-access
+    calls = _interrupt_after(monkeypatch, stop_after_saves)
     with pytest.raises(Interrupted):
         train.train_and_evaluate(config(), str(workdir))
     assert not (workdir / 'results.json').exists()
@@ -154,16 +161,7 @@ def test_der_pp_resumes_mid_task_to_the_same_results(
 
     reference = train.train_and_evaluate(config(), str(tmp_path / 'straight'))
     workdir = tmp_path / 'interrupted'
-    save = train._Checkpoints.save  # pylint: disable=protected-access
-    calls = []
-
-    def save_then_stop(self, run, g, meta):
-        save(self, run, g, meta)
-        calls.append(g)
-        if len(calls) == 4:  # task 2, step 2
-            raise Interrupted(g)
-
-    monkeypatch.setattr(train._Checkpoints, 'save', save_then_stop)  # pylint: disable=protected-access
+    _interrupt_after(monkeypatch, 4)  # task 2, step 2
     with pytest.raises(Interrupted):
         train.train_and_evaluate(config(), str(workdir))
     monkeypatch.undo()
