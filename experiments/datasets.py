@@ -636,3 +636,61 @@ def data_il_chunks(
         np.sort(order[t * size : (t + 1) * size]).astype(np.int64)
         for t in range(num_tasks)
     ]
+
+
+# ---------------------------------------------------------------------------
+# Validation split.
+# ---------------------------------------------------------------------------
+
+
+def hold_out(data: Dataset, fraction: float, seed: int = 0) -> Dataset:
+    """The same data set with a validation split in place of the test set.
+
+    From every class, `round(fraction * n_c)` training images (at least one)
+    drawn with `np.random.default_rng(seed)` leave the training set and
+    become the test set; the real test set is not used at all. Hyper-
+    parameters are tuned on runs with this split and then reported on the
+    real test set. The split does not depend on the run's seed, so every
+    method and seed is tuned on the same images.
+
+    Args:
+      data: The loaded data set.
+      fraction: Share of each class held out, in (0, 1).
+      seed: Seed of the split (config.data.validation_seed).
+
+    Returns:
+      A `Dataset` named '<name>:val<fraction>' whose x_train / y_train are
+      the remaining training images and x_test / y_test the held-out ones,
+      both in their original order.
+
+    Raises:
+      ValueError: If `fraction` is not in (0, 1) or a class has fewer than
+        two training images.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(
+            f'config.data.validation={fraction} must lie in (0, 1) (a share '
+            'of each class of the training set), or be 0 to test on the '
+            'test set.'
+        )
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(data.y_train), bool)
+    for c in range(data.num_classes):
+        idx = np.flatnonzero(data.y_train == c)
+        if len(idx) == 0:
+            continue
+        if len(idx) < 2:
+            raise ValueError(
+                f'{data.name}: class {c} has {len(idx)} training image; a '
+                'validation split needs at least 2 per class.'
+            )
+        k = min(max(1, round(fraction * len(idx))), len(idx) - 1)
+        held[rng.choice(idx, k, replace=False)] = True
+    return dataclasses.replace(
+        data,
+        name=f'{data.name}:val{fraction:g}',
+        x_train=data.x_train[~held],
+        y_train=data.y_train[~held],
+        x_test=data.x_train[held],
+        y_test=data.y_train[held],
+    )

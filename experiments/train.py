@@ -120,6 +120,11 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         'config.train.batch_size and config.train.steps_per_task must be >= 1.',
     )
     need(
+        0.0 <= config.data.validation < 1.0,
+        f'config.data.validation={config.data.validation} must be 0 (test on '
+        'the test set) or a share in (0, 1) of the training set to hold out.',
+    )
+    need(
         config.train.first_task_multiplier >= 1,
         'config.train.first_task_multiplier must be >= 1.',
     )
@@ -1255,6 +1260,10 @@ def train_and_evaluate(
     workdir_path.mkdir(parents=True, exist_ok=True)
 
     data = datasets.load(config.data)
+    if config.data.validation:
+        data = datasets.hold_out(
+            data, config.data.validation, config.data.validation_seed
+        )
     tasks, num_classes = make_tasks(config, data)
     apply_fn, variables = build_backbone(config, data.mean, data.std)
     mcfg = method_config(config)

@@ -359,3 +359,26 @@ def test_test_transform_and_identities():
         datasets.train_transform('flip', images, rng)
     with pytest.raises(ValueError, match='Cannot crop'):
         datasets.train_transform('crop', images[:, :200], rng)
+
+
+def test_hold_out_is_a_stratified_validation_split():
+    data = datasets.load({})  # the committed CIFAR-10 subset
+    val = datasets.hold_out(data, 0.1, seed=0)
+    n = np.bincount(data.y_train, minlength=data.num_classes)
+    held = np.bincount(val.y_test, minlength=data.num_classes)
+    np.testing.assert_array_equal(held, np.round(0.1 * n))
+    assert len(val.y_train) + len(val.y_test) == len(data.y_train)
+    # The held-out images are training images, disjoint from those kept.
+    flat = data.x_train.reshape(len(data.x_train), -1)
+    rows = {r.tobytes(): i for i, r in enumerate(flat)}
+    kept = {rows[r.tobytes()] for r in val.x_train.reshape(len(val.x_train), -1)}
+    out = {rows[r.tobytes()] for r in val.x_test.reshape(len(val.x_test), -1)}
+    assert not kept & out and len(kept | out) == len(data.y_train)
+    # The same split for every call; another seed gives another one.
+    again = datasets.hold_out(data, 0.1, seed=0)
+    np.testing.assert_array_equal(again.y_test, val.y_test)
+    np.testing.assert_array_equal(again.x_test, val.x_test)
+    other = datasets.hold_out(data, 0.1, seed=1)
+    assert not np.array_equal(other.x_test, val.x_test)
+    with pytest.raises(ValueError, match='validation'):
+        datasets.hold_out(data, 1.0)

@@ -145,3 +145,22 @@ def test_setting_configs_take_the_seq_cifar10_parameter(module):
     assert config.setting == module.__name__.rsplit('.', 1)[-1]
     with pytest.raises(ValueError, match='seq_cifar10'):
         module.get_config('seq_cifar1000')
+
+
+def test_validation_split_replaces_the_test_set(tmp_path, npz_dir):
+    config = _tiny_config(npz_dir, method='ncm')
+    config.data.validation = 0.25
+    results = train.train_and_evaluate(config, str(tmp_path / 'val'))
+    assert results['data'].endswith(':val0.25')
+    # 2 tasks x 2 classes, a quarter of each class's training images.
+    from experiments import datasets  # pylint: disable=g-import-not-at-top
+
+    n = np.bincount(datasets.load(config.data).y_train)
+    kept = [n[c] - round(0.25 * n[c]) for c in range(4)]
+    assert [p['train_examples'] for p in results['per_task']] == [
+        kept[0] + kept[1],
+        kept[2] + kept[3],
+    ]
+    config.data.validation = 1.0
+    with pytest.raises(train.ConfigError, match='config.data.validation'):
+        train.train_and_evaluate(config, str(tmp_path / 'bad'))

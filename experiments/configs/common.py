@@ -91,6 +91,12 @@ def base() -> ml_collections.ConfigDict:
     # tuples of class ids) fixes the tasks' classes and wins over both.
     config.data.class_order_seed = config_dict.placeholder(int)
     config.data.class_groups = config_dict.placeholder(tuple)
+    # Tune on a validation split, never on the test set: a share in (0, 1)
+    # of each class of the training set is held out (split seed
+    # validation_seed, the same for every method and seed) and tested on in
+    # place of the test set. 0: train on all of it, test on the test set.
+    config.data.validation = 0.0
+    config.data.validation_seed = 0
     config.data.augment = True  # CIFAR: crop (pad 4) + flip; MIT-67: crop
 
     config.backbone = ml_collections.ConfigDict()

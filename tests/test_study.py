@@ -1,0 +1,147 @@
+"""The study driver: skips finished runs, picks seeds > 0 from the seed-0
+table, aggregates mean ± std, and its command runs the real runner."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import study
+
+
+def _write(workdir, acc_matrix, complete=True, wall=60.0, joint=False):
+    workdir.mkdir(parents=True, exist_ok=True)
+    last = [a for a in acc_matrix[-1] if a is not None]
+    res = {
+        'complete': complete,
+        'joint': joint,
+        'accuracy_matrix': acc_matrix,
+        'average_accuracy': float(np.mean(last)),
+        'forgetting': None if joint else 1.5,
+        'wall_time_s': wall,
+    }
+    (workdir / 'results.json').write_text(json.dumps(res))
+
+
+def _fake_launch(accuracy):
+    """A launcher that writes a 2-task result whose final average accuracy
+    is accuracy[method] + seed, and records each call."""
+    calls = []
+
+    def launch(s, method, seed):
+        calls.append((method, seed))
+        a = accuracy[method] + seed
+        _write(s.workdir(method, seed), [[a, None], [a, a]])
+        return 0
+
+    return launch, calls
+
+
+def _grid(methods, repeat='top3'):
+    return study.Grid('class_il', 32, tuple(methods), repeat)
+
+
+def test_seed_zero_first_then_dlcft_and_the_three_best_others(tmp_path):
+    acc = {'dlcft': 10, 'joint': 90, 'a': 50, 'b': 40, 'c': 30, 'd': 20}
+    s = study.Study(_grid(acc), 'g', tmp_path)
+    launch, calls = _fake_launch(acc)
+    status = study.run_grid(s, list(acc), [0, 1, 2], launch)
+    assert calls[:6] == [(m, 0) for m in acc]
+    # joint is the bound, not a competitor; d is the fourth best other.
+    assert calls[6:] == [
+        (m, seed) for seed in (1, 2) for m in ('dlcft', 'a', 'b', 'c')
+    ]
+    assert set(status.values()) == {'ran'}
+    # A second call runs nothing.
+    launch2, calls2 = _fake_launch(acc)
+    status = study.run_grid(s, list(acc), [0, 1, 2], launch2)
+    assert calls2 == [] and set(status.values()) == {'done'}
+
+
+def test_incomplete_and_failed_runs(tmp_path):
+    acc = {'dlcft': 10, 'a': 50}
+    s = study.Study(_grid(acc), 'g', tmp_path)
+    _write(s.workdir('a', 0), [[1.0, None]], complete=False)
+
+    def launch(st, method, seed):
+        return 3 if method == 'dlcft' else _fake_launch(acc)[0](st, method, seed)
+
+    status = study.run_grid(s, list(acc), [0, 1], launch)
+    # The incomplete run is run again (the runner resumes it); the failed
+    # seed 0 holds back seeds > 0.
+    assert status == {('dlcft', 0): 'failed (3)', ('a', 0): 'ran'}
+
+
+def test_aliases_are_one_run_and_repeat_all(tmp_path):
+    names = ['dlcft', 'kfac_lin_mse', 'osla', 'kfac_nonlin_sce']
+    s = study.Study(_grid(names, repeat='all'), 'g', tmp_path)
+    launch, calls = _fake_launch({'dlcft': 1, 'osla': 2})
+    study.run_grid(s, names, [0, 1], launch)
+    assert calls == [('dlcft', 0), ('osla', 0), ('dlcft', 1), ('osla', 1)]
+    rows = study.collect(s, names)
+    text = study.table(s, rows)
+    assert '`kfac_lin_mse` (= `dlcft`)' in text
+
+
+def test_table_mean_std_and_newest(tmp_path):
+    s = study.Study(_grid(['dlcft', 'joint']), 'g', tmp_path)
+    for seed, a in enumerate((40.0, 44.0, 48.0)):
+        _write(s.workdir('dlcft', seed), [[90.0, None], [a - 10, a + 10]])
+    _write(s.workdir('joint', 0), [[70.0, 70.0]], joint=True, wall=120)
+    rows = study.collect(s, ['dlcft', 'joint'])
+    text = study.table(s, rows)
+    std = np.std([40, 44, 48], ddof=1)
+    assert f'| `joint` | 0 | 70.00 | — | — | 2.0 min |' in text
+    assert f'| `dlcft` | 0,1,2 | 44.00 ± {std:.2f} | 1.50 ± 0.00 |' in text
+    assert f'54.0 ± {std:.1f}' in text  # newest task: a + 10
+    # The joint row (70 %) comes first: rows are sorted by accuracy.
+    assert text.index('`joint`') < text.index('`dlcft`')
+    study.plot(s, rows, tmp_path / 'g.png')
+    assert (tmp_path / 'g.png').read_bytes()[:4] == b'\x89PNG'
+    out = tmp_path / 'export'
+    study.export(s, rows, out, text)
+    assert (out / 'g' / 'dlcft' / 'seed_2' / 'results.json').exists()
+    assert 'dlcft' in (out / 'g.md').read_text()
+
+
+def test_command_is_the_protocol(tmp_path):
+    s = study.Study(study.GRIDS['class_il_64'], 'class_il_64', tmp_path, 'D')
+    cmd = s.command('kfac_lin_mse', 2)
+    assert '--config.method=dlcft' in cmd
+    assert '--config.seed=2' in cmd
+    assert '--config.backbone.image_size=64' in cmd
+    assert '--config.data.npz_dir=D' in cmd
+    assert '--config.train.steps_per_task=313' in cmd
+    assert cmd[-1] == f'--workdir={tmp_path}/class_il_64/dlcft/seed_2'
+
+
+@pytest.mark.slow
+def test_driver_runs_the_runner(tmp_path):
+    """The real command line: one training-free run on the bundled subset,
+    its table and plot; a second call skips it."""
+    args = [
+        sys.executable,
+        '-m',
+        'experiments.study',
+        '--grid=class_il_32',
+        '--methods=ncm',
+        f'--root={tmp_path}',
+        '--data=experiments/data/cifar10_5x2',
+        '--tag=tiny',
+        '--',
+        '--config.eval.batch_size=100',
+        '--config.train.steps_per_task=4',
+    ]
+    out = subprocess.run(args, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(
+        (tmp_path / 'class_il_32-tiny/ncm/seed_0/results.json').read_text()
+    )
+    assert res['complete'] and res['config']['train']['steps_per_task'] == 4
+    text = (tmp_path / 'class_il_32-tiny.md').read_text()
+    assert f"| `ncm` | 0 | {res['average_accuracy']:.2f} |" in text
+    assert (tmp_path / 'class_il_32-tiny.png').exists()
+    again = subprocess.run(args, capture_output=True, text=True, check=False)
+    assert again.returncode == 0 and 'running' not in again.stdout
