@@ -120,6 +120,15 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         'config.train.batch_size and config.train.steps_per_task must be >= 1.',
     )
     need(
+        config.train.trainable in (None, 'none', 'all'),
+        f'config.train.trainable={config.train.trainable!r} is unknown; use '
+        "None (the method's), 'none' (the head only) or 'all'.",
+    )
+    need(
+        config.backbone.bn_reestimate >= 0,
+        'config.backbone.bn_reestimate must be >= 0 (batches; 0 is off).',
+    )
+    need(
         0.0 <= config.data.validation < 1.0,
         f'config.data.validation={config.data.validation} must be 0 (test on '
         'the test set) or a share in (0, 1) of the training set to hold out.',
@@ -371,6 +380,61 @@ def build_backbone(
 
     apply_fn.train = train_apply_fn  # for the bn_train methods
     return apply_fn, variables
+
+
+def reestimate_batch_stats(
+    train_apply_fn,
+    variables,
+    images: np.ndarray,
+    num_batches: int,
+    batch_size: int,
+    transform,
+    augmentation: str,
+):
+    """ψ0 with its BatchNorm statistics re-estimated on `images`.
+
+    The pre-trained running statistics belong to the pre-training inputs
+    (ImageNet at 224 px); CIFAR at 32 px gives other activations. Each of
+    `num_batches` batches of `batch_size` images (the first images of the
+    first task, in order; the test transform, no augmentation) is passed
+    through the network in training mode, every BatchNorm normalising with
+    its batch's statistics, and the new mean and variance of each layer are
+    the averages over the batches of its batch means and variances (the
+    "precise BN" estimate). The running statistics are read without knowing
+    the layers' momentum m: from zero statistics one call gives (1 − m)·b;
+    from ones, m + (1 − m)·b.
+
+    Only the first task's training images are read, so the run stays a
+    continual one; the weights are unchanged.
+    """
+    stats0 = variables['batch_stats']
+    n = min(len(images), num_batches * batch_size)
+    if n < 1:
+        raise ConfigError('config.backbone.bn_reestimate needs training images.')
+
+    @jax.jit
+    def moments(stats, x):
+        _, new = train_apply_fn({**variables, 'batch_stats': stats}, x)
+        return new['batch_stats']
+
+    zeros = jax.tree.map(jnp.zeros_like, stats0)
+    ones = jax.tree.map(jnp.ones_like, stats0)
+    batches = [
+        transform(augmentation, images[i : i + batch_size])
+        for i in range(0, n, batch_size)
+    ]
+    # (1 - m) of each leaf, from one batch: ones -> m + (1 - m) b.
+    from_zeros = moments(zeros, batches[0])
+    keep = jax.tree.map(
+        lambda a, b: b - a, from_zeros, moments(ones, batches[0])
+    )
+    total = from_zeros
+    for x in batches[1:]:
+        total = jax.tree.map(jnp.add, total, moments(zeros, x))
+    new = jax.tree.map(
+        lambda t, m: t / ((1.0 - m) * len(batches)), total, keep
+    )
+    return {**variables, 'batch_stats': new}
 
 
 def _load_resnet(b: ml_collections.ConfigDict):
@@ -1266,8 +1330,19 @@ def train_and_evaluate(
         )
     tasks, num_classes = make_tasks(config, data)
     apply_fn, variables = build_backbone(config, data.mean, data.std)
+    if config.backbone.bn_reestimate:
+        variables = reestimate_batch_stats(
+            apply_fn.train,
+            variables,
+            data.x_train[tasks[0].train_idx],
+            config.backbone.bn_reestimate,
+            config.train.batch_size,
+            datasets.test_transform,
+            data.augmentation,
+        )
     mcfg = method_config(config)
     method = methods.get(config.method)
+    trainable = config.train.trainable or method.trainable
     per_device = (
         config.train.batch_size + _replay_rows(config)
     ) // jax.device_count()
@@ -1284,7 +1359,7 @@ def train_and_evaluate(
         num_classes=num_classes,
         example_input=example,
         config=mcfg,
-        trainable=method.trainable,
+        trainable=trainable,
         train_apply_fn=apply_fn.train if mcfg.bn_train else None,
     )
     run = _Run(config, data, tasks, num_classes, state, workdir_path)

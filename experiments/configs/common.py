@@ -113,6 +113,11 @@ def base() -> ml_collections.ConfigDict:
     # activation and width_multiplier apply).
     config.backbone.checkpoint = config_dict.placeholder(str)
     config.backbone.width_multiplier = 1.0
+    # Re-estimate ψ0's BatchNorm statistics on this many batches of the first
+    # task's training images before anything trains (0: keep the pre-trained
+    # statistics, as the paper does). Every method then starts from the same
+    # re-estimated ψ0; see experiments.train.reestimate_batch_stats.
+    config.backbone.bn_reestimate = 0
 
     config.train = ml_collections.ConfigDict()
     # Current-task examples per step, over all devices and hosts; with the
@@ -121,6 +126,10 @@ def base() -> ml_collections.ConfigDict:
     config.train.steps_per_task = 50  # the paper: 10,000
     config.train.first_task_multiplier = 2  # the paper trains task 0 2x longer
     config.train.log_every = 10
+    # Which backbone leaves train. None: the method's (conv / dense kernels
+    # and biases; every weight for er / der / derpp); 'none': the head only
+    # (with method=joint: a linear probe of the frozen features); 'all'.
+    config.train.trainable = config_dict.placeholder(str)
     # Stop (with a checkpoint and partial results) after this many tasks;
     # the same command with a larger value or None continues the run.
     config.train.stop_after_tasks = config_dict.placeholder(int)
