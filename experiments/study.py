@@ -111,6 +111,8 @@ GRIDS = {
             'finetune',
             'osla',
             *_ABLATION,
+            'lwf',  # with the buffer, as every class-IL method; the
+            'ewc',  # Avalanche comparison's other two
         ),
     ),
     'task_il_32': Grid(
