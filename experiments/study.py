@@ -367,8 +367,8 @@ def table(study: Study, rows: list[Row]) -> str:
         f'EfficientNet-Lite0 at {g.image_size} px',
         '',
         '| method | seeds | average accuracy % | forgetting | newest task % '
-        '| wall time / run |',
-        '| --- | --- | --- | --- | --- | --- |',
+        '| wall time / run | after each task (mean) |',
+        '| --- | --- | --- | --- | --- | --- | --- |',
     ]
     done = sorted(
         (r for r in rows if r.runs), key=lambda r: -np.mean(r.accuracy)
@@ -383,20 +383,24 @@ def table(study: Study, rows: list[Row]) -> str:
             f'| {name} | {",".join(map(str, r.seeds))} | '
             f'{_stat(r.accuracy)} | '
             f'{_stat([x["forgetting"] for x in r.runs])} | '
-            f'{_stat([_newest(x) for x in r.runs], 1)} | {wall:.1f} min |'
+            f'{_stat([_newest(x) for x in r.runs], 1)} | {wall:.1f} min | '
+            f'{" / ".join(f"{a:.1f}" for a in np.mean([_curve(x) for x in r.runs], 0))} |'
         )
     body += [
-        f'| `{r.method}` | — | not run yet | | | |' for r in rows if not r.runs
+        f'| `{r.method}` | — | not run yet | | | | |'
+        for r in rows
+        if not r.runs
     ]
     cmd = ' '.join(study.command('METHOD', 0, 'ROOT/METHOD/seed_S'))
     cmd = cmd.replace('--config.seed=0', '--config.seed=S')
     foot = [
         '',
-        'Every run: `' + cmd + '` (DATA: the CIFAR-10 npz folder). '
+        'Every run: `' + cmd + '`. '
         'Mean ± sample std over the seeds listed; forgetting is the mean drop '
         'from the best accuracy on each earlier task to its final one '
         '(undefined for `joint`, one run on the union); newest task: '
-        'accuracy on the last task after training on it.',
+        'accuracy on the last task after training on it; after each task: the '
+        'average accuracy on the tasks seen so far.',
     ]
     return '\n'.join(head + body + foot) + '\n'
 

@@ -93,7 +93,7 @@ def test_table_mean_std_and_newest(tmp_path):
     rows = study.collect(s, ['dlcft', 'joint'])
     text = study.table(s, rows)
     std = np.std([40, 44, 48], ddof=1)
-    assert f'| `joint` | 0 | 70.00 | — | — | 2.0 min |' in text
+    assert f'| `joint` | 0 | 70.00 | — | — | 2.0 min | 70.0 |' in text
     assert f'| `dlcft` | 0,1,2 | 44.00 ± {std:.2f} | 1.50 ± 0.00 |' in text
     assert f'54.0 ± {std:.1f}' in text  # newest task: a + 10
     # The joint row (70 %) comes first: rows are sorted by accuracy.
@@ -145,3 +145,36 @@ def test_driver_runs_the_runner(tmp_path):
     assert (tmp_path / 'class_il_32-tiny.png').exists()
     again = subprocess.run(args, capture_output=True, text=True, check=False)
     assert again.returncode == 0 and 'running' not in again.stdout
+
+
+def test_avalanche_table_puts_both_libraries_side_by_side(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        'peers_table', 'benchmarks/peers/table.py'
+    )
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    _write(tmp_path / 'ours' / 'er' / 'seed_0', [[90.0, None], [20.0, 80.0]])
+    av = tmp_path / 'av' / 'er_seed0'
+    av.mkdir(parents=True)
+    (av / 'results.json').write_text(
+        json.dumps(
+            {
+                'complete': True,
+                'average_accuracy': 30.0,
+                'forgetting': 60.0,
+                'newest': 50.0,
+                'average_accuracy_seen_classes': 35.0,
+                'forgetting_seen_classes': 55.0,
+                'newest_seen_classes': 60.0,
+                'wall_time_s': 600.0,
+            }
+        )
+    )
+    out = table.rows(tmp_path / 'av', tmp_path / 'ours')
+    assert out[2] == (
+        '| `er` | 0 | 50.00 / 1.50 / 80.0 | 35.00 / 55.00 / 60.0 | '
+        '30.00 / 60.00 / 50.0 | 1.0 min / 10.0 min |'
+    )
+    assert len(out) == 3  # no other strategy has results
