@@ -230,7 +230,9 @@ def _launch(study: Study, method: str, seed: int) -> int:
     with open(workdir / 'stdout.log', 'a') as log:
         log.write(f'\n$ {" ".join(cmd[1:])}\n')
         log.flush()
-        out = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        out = subprocess.run(
+            cmd, check=False, stdout=log, stderr=subprocess.STDOUT
+        )
     return out.returncode
 
 
@@ -363,11 +365,15 @@ def table(study: Study, rows: list[Row]) -> str:
     """The Markdown table of a grid (rows sorted by mean accuracy)."""
     g = study.grid
     head = [
-        f'### {study.name}: {g.setting}, CIFAR-10 5 tasks, '
-        f'EfficientNet-Lite0 at {g.image_size} px',
+        (
+            f'### {study.name}: {g.setting}, CIFAR-10 5 tasks, '
+            f'EfficientNet-Lite0 at {g.image_size} px'
+        ),
         '',
-        '| method | seeds | average accuracy % | forgetting | newest task % '
-        '| wall time / run | after each task (mean) |',
+        (
+            '| method | seeds | average accuracy % | forgetting | newest task % '
+            '| wall time / run | after each task (mean) |'
+        ),
         '| --- | --- | --- | --- | --- | --- | --- |',
     ]
     done = sorted(

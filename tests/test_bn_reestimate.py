@@ -31,8 +31,13 @@ def test_reestimated_statistics_are_the_batch_statistics(npz_dir):
     )
     b = [
         train.reestimate_batch_stats(
-            apply_fn.train, variables, data.x_train[i : i + 16], 1, 16,
-            datasets.test_transform, 'none',
+            apply_fn.train,
+            variables,
+            data.x_train[i : i + 16],
+            1,
+            16,
+            datasets.test_transform,
+            'none',
         )['batch_stats']
         for i in (0, 16)
     ]
@@ -44,14 +49,19 @@ def test_reestimated_statistics_are_the_batch_statistics(npz_dir):
         *b,
     )
     # The weights are untouched.
-    jax.tree.map(np.testing.assert_array_equal, new['params'], variables['params'])
+    jax.tree.map(
+        np.testing.assert_array_equal, new['params'], variables['params']
+    )
 
 
 def test_runs_with_reestimated_statistics_and_head_only(tmp_path, npz_dir):
     config = tiny_config(
         npz_dir,
-        **{'backbone.bn_reestimate': 2, 'train.trainable': 'none',
-           'compilation_cache_dir': ''},
+        **{
+            'backbone.bn_reestimate': 2,
+            'train.trainable': 'none',
+            'compilation_cache_dir': '',
+        },
     )
     res = train.train_and_evaluate(config, str(tmp_path / 'w'))
     assert res['complete']

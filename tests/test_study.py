@@ -66,7 +66,9 @@ def test_incomplete_and_failed_runs(tmp_path):
     _write(s.workdir('a', 0), [[1.0, None]], complete=False)
 
     def launch(st, method, seed):
-        return 3 if method == 'dlcft' else _fake_launch(acc)[0](st, method, seed)
+        return (
+            3 if method == 'dlcft' else _fake_launch(acc)[0](st, method, seed)
+        )
 
     status = study.run_grid(s, list(acc), [0, 1], launch)
     # The incomplete run is run again (the runner resumes it); the failed
@@ -93,7 +95,7 @@ def test_table_mean_std_and_newest(tmp_path):
     rows = study.collect(s, ['dlcft', 'joint'])
     text = study.table(s, rows)
     std = np.std([40, 44, 48], ddof=1)
-    assert f'| `joint` | 0 | 70.00 | — | — | 2.0 min | 70.0 |' in text
+    assert '| `joint` | 0 | 70.00 | — | — | 2.0 min | 70.0 |' in text
     assert f'| `dlcft` | 0,1,2 | 44.00 ± {std:.2f} | 1.50 ± 0.00 |' in text
     assert f'54.0 ± {std:.1f}' in text  # newest task: a + 10
     # The joint row (70 %) comes first: rows are sorted by accuracy.

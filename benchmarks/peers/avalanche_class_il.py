@@ -33,18 +33,18 @@ import time
 
 _T0 = time.time()  # the run's clock: imports, data, model, training, eval
 
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import sys  # noqa: E402
-import types  # noqa: E402
-import warnings  # noqa: E402
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import random
+import sys
+import types
+import warnings
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 NUM_EXPERIENCES = 5
 NUM_CLASSES = 10
@@ -129,29 +129,29 @@ TORCHVISION, TORCHVISION_OPS = _import_torchvision()
 with warnings.catch_warnings():
     # qpsolvers (for GEM, unused here) warns that it has no solver.
     warnings.simplefilter('ignore')
-    import avalanche  # noqa: E402
-    from avalanche.benchmarks.scenarios.deprecated.generators import (  # noqa: E402
+    import avalanche
+    from avalanche.benchmarks.scenarios.deprecated.generators import (
         nc_benchmark,
     )
-    from avalanche.core import SupervisedPlugin  # noqa: E402
-    from avalanche.evaluation.metrics import accuracy_metrics  # noqa: E402
-    from avalanche.logging import TextLogger  # noqa: E402
-    from avalanche.models import IncrementalClassifier  # noqa: E402
-    from avalanche.training.plugins import (  # noqa: E402
+    from avalanche.core import SupervisedPlugin
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.logging import TextLogger
+    from avalanche.models import IncrementalClassifier
+    from avalanche.training.plugins import (
         EvaluationPlugin,
         ReplayPlugin,
     )
-    from avalanche.training.storage_policy import (  # noqa: E402
+    from avalanche.training.storage_policy import (
         ReservoirSamplingBuffer,
     )
-    from avalanche.training.supervised import (  # noqa: E402
+    from avalanche.training.supervised import (
         DER,
         EWC,
         LwF,
         Naive,
     )
 
-from torchvision import transforms as T  # noqa: E402
+from torchvision import transforms as T
 
 _IMPORT_S = time.time() - _T0
 

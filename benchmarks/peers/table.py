@@ -41,9 +41,11 @@ def _ours(res: dict) -> tuple[float, float, float, float]:
 
 def rows(avalanche: Path, ours: Path, seeds=(0, 1, 2)) -> list[str]:
     out = [
-        '| method | seed | ours: accuracy / forgetting / newest | '
-        'Avalanche, seen-class argmax (our rule) | Avalanche, 10-way argmax '
-        '(its rule) | wall time: ours / Avalanche |',
+        (
+            '| method | seed | ours: accuracy / forgetting / newest | '
+            'Avalanche, seen-class argmax (our rule) | Avalanche, 10-way argmax '
+            '(its rule) | wall time: ours / Avalanche |'
+        ),
         '| --- | --- | --- | --- | --- | --- |',
     ]
     for name in STRATEGIES:
@@ -72,7 +74,9 @@ def rows(avalanche: Path, ours: Path, seeds=(0, 1, 2)) -> list[str]:
                 '—' if o is None else f"{o['wall_time_s'] / 60:.1f} min",
                 '—' if a is None else f"{a['wall_time_s'] / 60:.1f} min",
             )
-            out.append(f'| `{name}` | {seed} | {cell} | {seen} | {full} | {wall} |')
+            out.append(
+                f'| `{name}` | {seed} | {cell} | {seen} | {full} | {wall} |'
+            )
     return out
 
 
