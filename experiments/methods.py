@@ -20,6 +20,9 @@ same for every method so that comparisons are fair):
 * `joint`: the upper bound: DLCFT's model (linearized + MSE, Adam) trained
   once on the union of all tasks for the sequence's total number of steps
   (the authors' oracle script trains the linearized MSE model jointly).
+* `joint_finetune`: the non-linear bound: `finetune`'s network, loss and
+  optimizer trained once on the union of all tasks for the same number of
+  steps (what linearizing costs, next to `joint`).
 * `ewc`: diagonal true Fisher (one label sampled per example), penalty
   ½ Σ F (θ − θ*)², objective (L + t·R)/(t+1), non-linear + SCE, SGD 0.9 /
   1e-3 (Kirkpatrick et al., 2017; the authors' `EWCRegularizer`).
@@ -139,6 +142,9 @@ METHODS: dict[str, Method] = {
         replay='none',
         joint=True,
         adam=True,
+    ),
+    'joint_finetune': Method(
+        dj.MethodConfig.finetune, replay='none', joint=True
     ),
     'ewc': Method(dj.MethodConfig.ewc),
     'mas': Method(dj.MethodConfig.mas),

@@ -62,8 +62,8 @@ def base() -> ml_collections.ConfigDict:
     config.setting = 'class_il'
     config.benchmark = 'quick'
     # One of experiments.methods.METHODS: dlcft, finetune, finetune_mse,
-    # joint, ewc, mas, lwf, lwf_mse, osla, kfac_{lin,nonlin}_{mse,sce}, er,
-    # der, derpp, ncm, ranpac. The optimizer defaults follow the method.
+    # joint, joint_finetune, ewc, mas, lwf, lwf_mse, osla,
+    # kfac_{lin,nonlin}_{mse,sce}, er, der, derpp, ncm, ranpac. The optimizer defaults follow the method.
     config.method = 'dlcft'
     config.seed = 0
 
