@@ -18,8 +18,8 @@ which names the variant's folder ROOT/GRID-TAG).
 
 Seeds: seed 0 of every method runs first. Seeds above 0 then run for
 `dlcft` and the three methods with the best seed-0 average accuracy other
-than `dlcft` and `joint` (the bound, not a competitor): the choice is made
-from the seed-0 table by this code, not by hand. A grid marked
+than `dlcft`, `joint` and `joint_finetune` (bounds, not competitors): the
+choice is made from the seed-0 table by this code, not by hand. A grid marked
 `repeat='all'` repeats every method instead.
 
 A run whose results.json is complete is skipped; an interrupted one resumes
@@ -105,6 +105,7 @@ GRIDS = {
             'ncm',
             'ranpac',
             'joint',
+            'joint_finetune',
             'er',
             'derpp',
             'der',
@@ -121,6 +122,7 @@ GRIDS = {
         (
             'dlcft',
             'joint',
+            'joint_finetune',
             'finetune',
             'ewc',
             'lwf',
@@ -136,6 +138,7 @@ GRIDS = {
         (
             'dlcft',
             'joint',
+            'joint_finetune',
             'ncm',
             'ranpac',
             'finetune',
@@ -149,7 +152,7 @@ GRIDS = {
     'class_il_64': Grid(
         'class_il',
         64,
-        ('dlcft', 'er', 'derpp', 'ncm', 'ranpac', 'joint'),
+        ('dlcft', 'er', 'derpp', 'ncm', 'ranpac', 'joint', 'joint_finetune'),
         repeat='all',
     ),
 }
@@ -258,7 +261,7 @@ def repeated(study: Study, names: Sequence[str]) -> list[str] | None:
             return None
         acc[n] = res['average_accuracy']
     others = sorted(
-        (n for n in runs if n not in ('dlcft', 'joint')),
+        (n for n in runs if n != 'dlcft' and not methods.get(n).joint),
         key=lambda n: -acc[n],
     )
     return [n for n in runs if n == 'dlcft' or n in others[:3]]

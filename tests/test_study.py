@@ -44,14 +44,22 @@ def _grid(methods, repeat='top3'):
 
 
 def test_seed_zero_first_then_dlcft_and_the_three_best_others(tmp_path):
-    acc = {'dlcft': 10, 'joint': 90, 'a': 50, 'b': 40, 'c': 30, 'd': 20}
+    acc = {
+        'dlcft': 10,
+        'joint': 90,
+        'joint_finetune': 95,
+        'ranpac': 50,
+        'er': 40,
+        'derpp': 30,
+        'ncm': 20,
+    }
     s = study.Study(_grid(acc), 'g', tmp_path)
     launch, calls = _fake_launch(acc)
     status = study.run_grid(s, list(acc), [0, 1, 2], launch)
-    assert calls[:6] == [(m, 0) for m in acc]
-    # joint is the bound, not a competitor; d is the fourth best other.
-    assert calls[6:] == [
-        (m, seed) for seed in (1, 2) for m in ('dlcft', 'a', 'b', 'c')
+    assert calls[:7] == [(m, 0) for m in acc]
+    # The joint runs are bounds, not competitors; ncm is the fourth best.
+    assert calls[7:] == [
+        (m, seed) for seed in (1, 2) for m in ('dlcft', 'ranpac', 'er', 'derpp')
     ]
     assert set(status.values()) == {'ran'}
     # A second call runs nothing.
@@ -61,9 +69,9 @@ def test_seed_zero_first_then_dlcft_and_the_three_best_others(tmp_path):
 
 
 def test_incomplete_and_failed_runs(tmp_path):
-    acc = {'dlcft': 10, 'a': 50}
+    acc = {'dlcft': 10, 'er': 50}
     s = study.Study(_grid(acc), 'g', tmp_path)
-    _write(s.workdir('a', 0), [[1.0, None]], complete=False)
+    _write(s.workdir('er', 0), [[1.0, None]], complete=False)
 
     def launch(st, method, seed):
         return (
@@ -73,7 +81,7 @@ def test_incomplete_and_failed_runs(tmp_path):
     status = study.run_grid(s, list(acc), [0, 1], launch)
     # The incomplete run is run again (the runner resumes it); the failed
     # seed 0 holds back seeds > 0.
-    assert status == {('dlcft', 0): 'failed (3)', ('a', 0): 'ran'}
+    assert status == {('dlcft', 0): 'failed (3)', ('er', 0): 'ran'}
 
 
 def test_aliases_are_one_run_and_repeat_all(tmp_path):
