@@ -225,18 +225,44 @@ def results(path: Path) -> dict | None:
 
 
 def _launch(study: Study, method: str, seed: int) -> int:
-    """Runs (or resumes) one run; its output is appended to stdout.log."""
+    """Runs (or resumes) one run; its output is appended to stdout.log.
+
+    The machine's 1-minute load average is sampled every 15 s while the run
+    goes and summed into load.json over resumes, so that the table can say
+    which wall times were measured on a shared CPU.
+    """
     workdir = study.workdir(method, seed)
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = study.command(method, seed)
     cmd[0] = sys.executable
+    load_file = workdir / 'load.json'
+    load = (
+        json.loads(load_file.read_text())
+        if load_file.exists()
+        else {'sum': 0.0, 'samples': 0, 'cpus': os.cpu_count()}
+    )
     with open(workdir / 'stdout.log', 'a') as log:
         log.write(f'\n$ {" ".join(cmd[1:])}\n')
         log.flush()
-        out = subprocess.run(
-            cmd, check=False, stdout=log, stderr=subprocess.STDOUT
-        )
-    return out.returncode
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        while True:
+            try:
+                rc = proc.wait(timeout=15)
+                break
+            except subprocess.TimeoutExpired:
+                load['sum'] += os.getloadavg()[0]
+                load['samples'] += 1
+    load_file.write_text(json.dumps(load) + '\n')
+    return rc
+
+
+def mean_load(workdir: Path) -> float | None:
+    """The mean 1-minute load average during a run (None: not recorded)."""
+    path = workdir / 'load.json'
+    if not path.exists():
+        return None
+    load = json.loads(path.read_text())
+    return load['sum'] / load['samples'] if load['samples'] else None
 
 
 def unique(names: Sequence[str]) -> list[str]:
@@ -343,6 +369,7 @@ class Row:
     method: str
     runs: list[dict]
     seeds: list[int]
+    loads: list[float | None] = dataclasses.field(default_factory=list)
 
     @property
     def accuracy(self) -> list[float]:
@@ -354,13 +381,14 @@ def collect(study: Study, names: Sequence[str]) -> list[Row]:
     rows = []
     for n in names:
         base = study.root / study.name / SAME_AS.get(n, n)
-        runs, seeds = [], []
+        runs, seeds, loads = [], [], []
         for d in sorted(base.glob('seed_*'), key=lambda p: int(p.name[5:])):
             res = results(d)
             if res is not None:
                 runs.append(res)
                 seeds.append(int(d.name[5:]))
-        rows.append(Row(n, runs, seeds))
+                loads.append(mean_load(d))
+        rows.append(Row(n, runs, seeds, loads))
     return rows
 
 
@@ -388,11 +416,13 @@ def table(study: Study, rows: list[Row]) -> str:
         if r.method in SAME_AS:
             name += f' (= `{SAME_AS[r.method]}`)'
         wall = np.mean([x['wall_time_s'] for x in r.runs]) / 60
+        known = [x for x in r.loads if x is not None]
+        load = f' (load {np.mean(known):.1f})' if known else ''
         body.append(
             f'| {name} | {",".join(map(str, r.seeds))} | '
             f'{_stat(r.accuracy)} | '
             f'{_stat([x["forgetting"] for x in r.runs])} | '
-            f'{_stat([_newest(x) for x in r.runs], 1)} | {wall:.1f} min | '
+            f'{_stat([_newest(x) for x in r.runs], 1)} | {wall:.1f} min{load} | '
             f'{" / ".join(f"{a:.1f}" for a in np.mean([_curve(x) for x in r.runs], 0))} |'
         )
     body += [
@@ -409,7 +439,11 @@ def table(study: Study, rows: list[Row]) -> str:
         'from the best accuracy on each earlier task to its final one '
         '(undefined for `joint`, one run on the union); newest task: '
         'accuracy on the last task after training on it; after each task: the '
-        'average accuracy on the tasks seen so far.',
+        'average accuracy on the tasks seen so far. Wall time: the runner\'s '
+        'own clock (compilation included); load: the mean 1-minute load '
+        'average of the machine during the run where it was recorded (one '
+        'run alone loads these 2 cores to about 2-3; two runs side by side, '
+        'about 4-5, and each takes longer).',
     ]
     return '\n'.join(head + body + foot) + '\n'
 

@@ -150,6 +150,10 @@ def test_driver_runs_the_runner(tmp_path):
         (tmp_path / 'class_il_32-tiny/ncm/seed_0/results.json').read_text()
     )
     assert res['complete'] and res['config']['train']['steps_per_task'] == 4
+    load = json.loads(
+        (tmp_path / 'class_il_32-tiny/ncm/seed_0/load.json').read_text()
+    )
+    assert load['cpus'] >= 1 and load['samples'] >= 0
     text = (tmp_path / 'class_il_32-tiny.md').read_text()
     assert f"| `ncm` | 0 | {res['average_accuracy']:.2f} |" in text
     assert (tmp_path / 'class_il_32-tiny.png').exists()
