@@ -11,8 +11,9 @@ tasks (class-IL / task-IL: 2 classes per task in natural order; data-IL: 5
 random chunks of 10,000 images), EfficientNet-Lite0 with its ImageNet
 weights, one epoch per task (313 steps of 32 current-task images, no longer
 first task), the same crop + flip augmentation, and for the methods with a
-replay buffer 32 replayed images per step from a 200-image reservoir. Each
-run is one `python -m experiments.run` process in ROOT/GRID/METHOD/seed_S;
+replay buffer 32 replayed images per step from a 200-image reservoir (in
+class-IL every method that trains with labels, `CLASS_IL_PROTOCOL`; in
+task-IL and data-IL only er, der and derpp). Each run is one `python -m experiments.run` process in ROOT/GRID/METHOD/seed_S;
 extra `--config.*` flags after `--` go to every run (give them a `--tag`,
 which names the variant's folder ROOT/GRID-TAG).
 
@@ -62,10 +63,15 @@ PROTOCOL = (
     '--config.train.batch_size=32',
     '--config.train.steps_per_task=313',  # one epoch of 10,000 images
     '--config.train.first_task_multiplier=1',
-    '--config.replay.buffer_size=200',  # used by the methods with replay
     '--config.replay.batch_size=32',
     '--config.checkpoint.every_steps=100',
 )
+
+#: Class-IL only: every method that replays labels gets the 200-image
+#: buffer, as in the paper's class-IL table. Elsewhere the runner's default
+#: applies: the buffer methods (er, der, derpp) get 200 images, every other
+#: method none (the paper's task-IL and data-IL methods use no buffer).
+CLASS_IL_PROTOCOL = ('--config.replay.buffer_size=200',)
 
 #: Runs that are another method's run (same preset, same buffer).
 SAME_AS = {'kfac_lin_mse': 'dlcft', 'kfac_nonlin_sce': 'osla'}
@@ -210,6 +216,7 @@ class Study:
             f'--config.backbone.image_size={g.image_size}',
             *data,
             *PROTOCOL,
+            *(CLASS_IL_PROTOCOL if g.setting == 'class_il' else ()),
             *self.extra,
             f'--workdir={workdir or self.workdir(method, seed)}',
         ]
