@@ -464,16 +464,32 @@ def plot(study: Study, rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     done = sorted(
-        (r for r in rows if r.runs), key=lambda r: -np.mean(r.accuracy)
+        (r for r in rows if r.runs and r.method not in SAME_AS),
+        key=lambda r: -np.mean(r.accuracy),
     )
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in done:
+    colors = plt.get_cmap('tab20').colors
+    styles = iter(('--', ':', '-.'))
+    for i, r in enumerate(done):
         curves = np.array([_curve(x) for x in r.runs])
         if curves.shape[1] == 1:  # joint: one evaluation at the end
-            left.axhline(curves.mean(), ls='--', c='k', lw=1, label=r.method)
+            left.axhline(
+                curves.mean(),
+                ls=next(styles, '--'),
+                c='k',
+                lw=1,
+                label=r.method,
+            )
             continue
         x = np.arange(1, curves.shape[1] + 1)
-        (line,) = left.plot(x, curves.mean(0), marker='o', label=r.method)
+        (line,) = left.plot(
+            x,
+            curves.mean(0),
+            marker='o',
+            label=r.method,
+            color=colors[i % len(colors)],
+            lw=2.5 if r.method == 'dlcft' else 1.2,
+        )
         if len(curves) > 1:
             sd = curves.std(0, ddof=1)
             left.fill_between(
@@ -483,6 +499,9 @@ def plot(study: Study, rows: list[Row], path: Path) -> None:
                 color=line.get_color(),
                 alpha=0.2,
             )
+    left.set_xticks(
+        range(1, 1 + max(len(r.runs[0]['accuracy_matrix']) for r in done))
+    )
     left.set_xlabel('tasks learned')
     left.set_ylabel('average accuracy on seen tasks (%)')
     left.legend(fontsize=7, ncol=2)
