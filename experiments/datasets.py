@@ -275,6 +275,15 @@ def _open_tfds(
         ) from e
 
 
+def _try_getitems(getitems, n: int) -> list[Any] | None:
+    """The first n records through a batched reader, or None if it is
+    broken (the mock source's raises TypeError)."""
+    try:
+        return list(getitems(list(range(n))))
+    except (TypeError, AttributeError, NotImplementedError):
+        return None
+
+
 def _read_records(source: Sequence[Any]) -> list[Any]:
     """All records of a data source, batched where the source allows it.
 
@@ -285,11 +294,8 @@ def _read_records(source: Sequence[Any]) -> list[Any]:
     n = len(source)
     getitems = getattr(source, '__getitems__', None)
     if getitems is not None and n:
-        try:
-            first = list(getitems(list(range(min(n, _TFDS_READ_CHUNK)))))
-        except (TypeError, AttributeError, NotImplementedError):
-            pass
-        else:
+        first = _try_getitems(getitems, min(n, _TFDS_READ_CHUNK))
+        if first is not None:
             records = first
             for start in range(len(first), n, _TFDS_READ_CHUNK):
                 keys = list(range(start, min(n, start + _TFDS_READ_CHUNK)))

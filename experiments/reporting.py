@@ -16,6 +16,7 @@ The metrics themselves come from `dlcft_jax.metrics`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -63,18 +64,14 @@ def _crc32c_table(data: bytes) -> int:
 def _native_crc32c():
     """A C implementation of CRC32C if one is installed and correct."""
     candidates = []
-    try:
+    with contextlib.suppress(ImportError):
         import google_crc32c
 
         candidates.append(google_crc32c.value)
-    except ImportError:
-        pass
-    try:
+    with contextlib.suppress(ImportError, AttributeError):
         import crc32c
 
         candidates.append(crc32c.crc32c)
-    except (ImportError, AttributeError):
-        pass
     for fn in candidates:
         try:
             if fn(b'123456789') == _CRC32C_CHECK:

@@ -544,19 +544,17 @@ def export(study: Study, rows: list[Row], out: Path, text: str) -> None:
 
 
 def _machine() -> str:
+    """The CPU the aggregate was made on (its model name on Linux)."""
     cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    except OSError:
-        pass  # not Linux: platform's name is the best we have
-    return (
-        f'{os.cpu_count()} CPU cores ({cpu}), no GPU'
-        if cpu
-        else platform.platform()
-    )
+    info = Path('/proc/cpuinfo')
+    if info.exists():
+        names = [
+            line.split(':', 1)[1].strip()
+            for line in info.read_text().splitlines()
+            if line.startswith('model name')
+        ]
+        cpu = names[0] if names else cpu
+    return f'{os.cpu_count()} CPU cores ({cpu})'
 
 
 def main(argv):

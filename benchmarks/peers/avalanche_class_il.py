@@ -642,12 +642,10 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        from avalanche.training.determinism.rng_manager import RNGManager  # pylint: disable=import-outside-toplevel
+    # avalanche-lib is pinned (requirements.txt), so its RNG manager exists.
+    from avalanche.training.determinism.rng_manager import RNGManager  # pylint: disable=import-outside-toplevel
 
-        RNGManager.set_random_seeds(seed)
-    except ImportError:  # pragma: no cover - older Avalanche
-        pass
+    RNGManager.set_random_seeds(seed)
 
 
 def main(argv=None) -> int:
