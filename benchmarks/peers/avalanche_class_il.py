@@ -40,6 +40,7 @@ import os
 import platform
 import random
 import sys
+import threading
 import types
 import warnings
 
@@ -638,6 +639,27 @@ def write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+class LoadSampler:
+    """The machine's 1-minute load average, sampled every 15 s in a thread.
+
+    Wall times on a shared machine mean little without it: the study's runs
+    record the same number (experiments/study.py, load.json).
+    """
+
+    def __init__(self, every_s: float = 15.0):
+        self.samples = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._every = every_s
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self.samples.append(os.getloadavg()[0])
+
+    def mean(self) -> float:
+        return float(np.mean(self.samples))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -650,6 +672,7 @@ def seed_everything(seed: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    load = LoadSampler()
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     os.makedirs(args.out, exist_ok=True)
@@ -750,6 +773,7 @@ def main(argv=None) -> int:
                 'eval_time_s': eval_s,
                 'metric_check_max_abs_diff': mismatch,
                 'wall_time_s': time.time() - _T0,
+                'mean_load_1min': load.mean(),
                 'complete': done,
             }
         )

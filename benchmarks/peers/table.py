@@ -6,8 +6,11 @@ r"""Avalanche's class-IL runs beside ours, as one Markdown table.
 Reads AVALANCHE/STRATEGY_seedS/results.json (benchmarks/peers/
 avalanche_class_il.py) and OURS/METHOD/seed_S/results.json (experiments.study)
 and writes, for each strategy and seed both have, the average accuracy after
-the last task, the forgetting, the accuracy on the newest task and the wall
-time of each. Avalanche's accuracies are given under both test rules: the
+the last task, the forgetting, the accuracy on the newest task, the wall
+time of each and the training seconds per step (the step loop alone: no
+compilation, set-up, curvature or evaluation), each with the machine's mean
+1-minute load during the run (these are 2-core machines shared with other
+runs, so compare speeds only at similar load). Avalanche's accuracies are given under both test rules: the
 argmax over all 10 classes (Avalanche's own) and over the classes seen so
 far (ours). Needs only the standard library, so it runs outside both
 environments.
@@ -39,19 +42,42 @@ def _ours(res: dict) -> tuple[float, float, float, float]:
     )
 
 
+def _ours_speed(res: dict, workdir: Path) -> tuple[float, float | None]:
+    """Training seconds per step and the mean load (None: not recorded)."""
+    tasks = res['per_task']
+    per_step = sum(t['train_s'] for t in tasks) / sum(t['steps'] for t in tasks)
+    load_file = workdir / 'load.json'
+    load = None
+    if load_file.exists():
+        rec = json.loads(load_file.read_text())
+        load = rec['sum'] / rec['samples'] if rec['samples'] else None
+    return per_step, load
+
+
+def _theirs_speed(res: dict) -> tuple[float, float | None]:
+    per_step = sum(res['iteration_loop_s']) / sum(res['iterations'])
+    return per_step, res.get('mean_load_1min')
+
+
+def _speed(per_step: float, load: float | None) -> str:
+    return f'{per_step:.3f} s' + ('' if load is None else f' (load {load:.1f})')
+
+
 def rows(avalanche: Path, ours: Path, seeds=(0, 1, 2)) -> list[str]:
     out = [
         (
             '| method | seed | ours: accuracy / forgetting / newest | '
             'Avalanche, seen-class argmax (our rule) | Avalanche, 10-way argmax '
-            '(its rule) | wall time: ours / Avalanche |'
+            '(its rule) | wall time: ours / Avalanche | training s/step: ours / '
+            'Avalanche |'
         ),
-        '| --- | --- | --- | --- | --- | --- |',
+        '| --- | --- | --- | --- | --- | --- | --- |',
     ]
     for name in STRATEGIES:
         for seed in seeds:
             a = _load(avalanche / f'{name}_seed{seed}' / 'results.json')
-            o = _load(ours / name / f'seed_{seed}' / 'results.json')
+            workdir = ours / name / f'seed_{seed}'
+            o = _load(workdir / 'results.json')
             if a is None and o is None:
                 continue
             cell = (
@@ -74,8 +100,13 @@ def rows(avalanche: Path, ours: Path, seeds=(0, 1, 2)) -> list[str]:
                 '—' if o is None else f"{o['wall_time_s'] / 60:.1f} min",
                 '—' if a is None else f"{a['wall_time_s'] / 60:.1f} min",
             )
+            speed = '{} / {}'.format(
+                '—' if o is None else _speed(*_ours_speed(o, workdir)),
+                '—' if a is None else _speed(*_theirs_speed(a)),
+            )
             out.append(
-                f'| `{name}` | {seed} | {cell} | {seen} | {full} | {wall} |'
+                f'| `{name}` | {seed} | {cell} | {seen} | {full} | {wall} '
+                f'| {speed} |'
             )
     return out
 
