@@ -169,7 +169,15 @@ def test_avalanche_table_puts_both_libraries_side_by_side(tmp_path):
     )
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
-    _write(tmp_path / 'ours' / 'er' / 'seed_0', [[90.0, None], [20.0, 80.0]])
+    ours = tmp_path / 'ours' / 'er' / 'seed_0'
+    _write(ours, [[90.0, None], [20.0, 80.0]])
+    res = json.loads((ours / 'results.json').read_text())
+    res['per_task'] = [
+        {'train_s': 10.0, 'steps': 100},
+        {'train_s': 30.0, 'steps': 100},
+    ]
+    (ours / 'results.json').write_text(json.dumps(res))
+    (ours / 'load.json').write_text(json.dumps({'sum': 9.0, 'samples': 3}))
     av = tmp_path / 'av' / 'er_seed0'
     av.mkdir(parents=True)
     (av / 'results.json').write_text(
@@ -183,13 +191,17 @@ def test_avalanche_table_puts_both_libraries_side_by_side(tmp_path):
                 'forgetting_seen_classes': 55.0,
                 'newest_seen_classes': 60.0,
                 'wall_time_s': 600.0,
+                'iteration_loop_s': [40.0, 60.0],
+                'iterations': [100, 100],
+                'mean_load_1min': 2.25,
             }
         )
     )
     out = table.rows(tmp_path / 'av', tmp_path / 'ours')
     assert out[2] == (
         '| `er` | 0 | 50.00 / 1.50 / 80.0 | 35.00 / 55.00 / 60.0 | '
-        '30.00 / 60.00 / 50.0 | 1.0 min / 10.0 min |'
+        '30.00 / 60.00 / 50.0 | 1.0 min / 10.0 min | '
+        '0.200 s (load 3.0) / 0.500 s (load 2.2) |'
     )
     assert len(out) == 3  # no other strategy has results
 
