@@ -1,9 +1,10 @@
 """Curvature of past tasks: exact head block and K-FAC of the linearized backbone.
 
-Model: f(x) = W̄ᵀ z̄, z̄ = [z; 1], z = g_lin(x; ψ) (spec §2.1), MSE loss.
+Model: f(x) = W̄ᵀ z̄, z̄ = [z; 1], z = g_lin(x; ψ), MSE loss (docs/method.md
+§2.1, §2.4).
 
-Head (spec §3.4). The Hessian of the MSE loss with respect to the head
-W̄ = [W; b] is exactly
+Head (docs/method.md §5.7). The Hessian of the MSE loss with respect to the
+head W̄ = [W; b] is exactly
 
     H_head = E[z̄ z̄ᵀ] ⊗ I_C,
 
@@ -13,9 +14,9 @@ A_head = E[z̄ z̄ᵀ] (shape (D+1, D+1)) and S_head = I. When the head grows, t
 new rows share A_head and are anchored at 0. With cross-entropy the output
 Hessian is not I, and S_head is estimated like any other layer's.
 
-Backbone (spec §3.3): K-FAC of the *linearized* model. For a layer with primal
-input a (im2col patches for a convolution, with a trailing 1 when the layer
-has a bias) and g = ∂ℓ/∂(tangent output of the layer),
+Backbone (docs/method.md §5.1-5.4): K-FAC of the *linearized* model. For a
+layer with primal input a (im2col patches for a convolution, with a trailing
+1 when the layer has a bias) and g = ∂ℓ/∂(tangent output of the layer),
 
     A = E_{n,t}[a aᵀ]              mean over examples n and positions t,
     S = E_n[Σ_t g gᵀ]              sum over positions, mean over examples,
@@ -520,7 +521,7 @@ def batch_curvature(
 def accumulate(
     running: Curvature, new: Curvature, num_tasks: jax.Array | int
 ) -> Curvature:
-    """Running average over tasks, spec §3.3: X̄ ← (t·X̄ + X)/(t+1).
+    """Running average over tasks, X̄ ← (t·X̄ + X)/(t+1) (docs/method.md §4.3).
 
     Args:
       running: the average over the first `num_tasks` tasks (ignored when
@@ -530,7 +531,8 @@ def accumulate(
 
     Returns:
       The average over t+1 tasks. The penalty later multiplies it by the task
-      count, so t·R uses Σ_i (factors of task i)/t · t, as in the paper.
+      count, so t·R uses Σ_i (factors of task i)/t · t, as in the authors'
+      code.
     """
     t = jnp.asarray(num_tasks, jnp.float32)
     return jax.tree.map(lambda a, b: (t * a + b) / (t + 1.0), running, new)
@@ -544,7 +546,7 @@ def grow_head(
     *,
     loss: str = 'mse',
 ) -> tuple[dict, dict, dict]:
-    """Appends `num_new` classes to a head of shape (D, C) (spec §3.4).
+    """Appends `num_new` classes to a (D, C) head (docs/method.md §5.7).
 
     The new rows are zero and anchored at zero. A_head = E[z̄z̄ᵀ] is shared by
     all rows, old and new, so it is kept; S_head becomes the identity of the

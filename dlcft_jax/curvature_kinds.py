@@ -10,7 +10,7 @@ curvature blocks, with far less machinery):
   backbone (K-FAC; trace-restricted K-FAC rescales each block by
   tr F_l / (tr A_l · tr S_l)), and the head block A_head ⊗ S_head. With the
   MSE loss S_head = I and A_head = E[z̄z̄ᵀ], which is the head's exact
-  Hessian, also for the rows of classes not seen yet (paper §3.4).
+  Hessian, also for the rows of classes not seen yet (docs/method.md §5.7).
 * `DiagonalCurvature`: one non-negative number per parameter (EWC, MAS).
 
 Both are pytrees (`flax.struct`), so they live in an optimizer state, are

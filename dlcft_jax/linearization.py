@@ -10,9 +10,10 @@ primal output g(x; ψ0) and the tangent output J·Δ with Δ = ψ − ψ0.
 
 Only part of the parameters is trained: the kernels (and biases) of the
 convolution and dense layers. BatchNorm statistics and affine parameters stay
-at their pre-trained values, as in the paper (spec §2.1). The trainable part is
-kept as a *sub-tree* of the full variables: the same nested dicts, holding only
-the trainable leaves. `split` and `merge` move between the two.
+at their pre-trained values, as in DLCFT (docs/method.md §2.2-2.3). The
+trainable part is kept as a *sub-tree* of the full variables: the same nested
+dicts, holding only the trainable leaves. `split` and `merge` move between
+the two.
 
 Gradient. For a linear model the gradient of any loss ℓ(g_lin) with respect to
 ψ is J(ψ0)ᵀ ∂ℓ/∂g, whatever ψ is. Two exact ways to get it are offered:

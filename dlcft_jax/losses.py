@@ -1,12 +1,12 @@
 """Losses on the classifier outputs, with class masks.
 
-MSE on scaled one-hot labels (the DLCFT loss, spec §3.1):
+MSE on scaled one-hot labels (the DLCFT loss, docs/method.md §3.1):
 
     ℓ(f, y) = ½ Σ_c m_c (α·[y = c] − f_c)²,     α = 15,
 
 summed over the active outputs c (m_c = 1) and averaged over the batch. Its
 Hessian with respect to f is diag(m): the identity on the active outputs,
-however well the model fits (spec §6.2).
+however well the model fits (docs/method.md §6.2).
 
 Softmax cross-entropy, −log softmax(f)_y over the active outputs, is the
 baseline; its output Hessian diag(p) − ppᵀ vanishes as p becomes one-hot.

@@ -4,14 +4,15 @@
 user puts first in any optax chain. Its state (`PenaltyState`) holds the
 anchor θ_{t−1}, the running average H̄ of the curvature of the t finished
 tasks and t itself; its update maps the gradient of the current task's loss
-L_t to the gradient of the per-task objective (paper §3.2; the proximal term
-follows the authors' code)
+L_t to the gradient of the per-task objective (docs/method.md §4.2; the
+proximal term follows the authors' code)
 
     ∇L_t  ↦  (∇L_t + t · H̄ (θ − θ_{t−1})) / (t + 1) + κ (θ − θ_{t−1}),
 
 i.e. of J_t = (L_t + t·R)/(t+1) + ½κ‖θ − θ_{t−1}‖², R = ½ δᵀ H̄ δ. No λ is
 tuned: for a linear model with the MSE loss R is the exact sum of the past
-losses' quadratic expansions, so J_t is the joint objective (paper §6.1).
+losses' quadratic expansions, so J_t is the joint objective (docs/method.md
+§6.1).
 At t = 0 the curvature product is skipped (`lax.cond`).
 
 The transformation needs `params` in `update` (as `optax.add_decayed_weights`

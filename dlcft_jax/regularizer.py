@@ -18,8 +18,8 @@ use ½ Σ_c S_c w_cᵀ A_c w_c.
 Trace-restricted K-FAC multiplies each backbone layer's form by
 tr(F)/(tr A · tr S). The head is always exact (A_head ⊗ I for MSE).
 
-The per-task objective (spec §3.2) with t previous tasks and the running
-average H̄ of their curvatures is
+The per-task objective (docs/method.md §4.2) with t previous tasks and the
+running average H̄ of their curvatures is
 
     J_t(θ) = (L_t(θ) + t · R(θ)) / (t + 1),
 
@@ -188,7 +188,7 @@ def quadratic_form(
 def task_objective(
     data_loss: jax.Array, reg: jax.Array, num_prev_tasks: jax.Array | int
 ) -> jax.Array:
-    """J_t = (L_t + t·R) / (t + 1), spec §3.2."""
+    """J_t = (L_t + t·R) / (t + 1), docs/method.md §4.2."""
     t = jnp.asarray(num_prev_tasks, data_loss.dtype)
     return (data_loss + t * reg) / (t + 1.0)
 

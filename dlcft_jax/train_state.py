@@ -24,7 +24,7 @@ loss instead. The state is an explicit pytree (`TrainState`).
 (`jax.lax.pmean`), so the same function runs under `jax.jit` on one device,
 under `jax.pmap`, or inside `jax.shard_map` (see `dlcft_jax.parallel`).
 
-One step of task t with the preset optimizer (paper §3.2, §3.5):
+One step of task t with the preset optimizer (docs/method.md §4.2, §4.4):
 
     L   = mean_batch ℓ(f(x; θ), y) [+ replay / distillation terms]
     g   = (∇L + t·H̄(θ − θ_{t−1}))/(t + 1) + κ(θ − θ_{t−1})    (penalty)
@@ -79,7 +79,8 @@ class MethodConfig:
       distill: LwF's term on the current inputs, weighted like a penalty,
         (L + t·R)/(t+1): 'kl' (KL of the previous model's softmax to the
         current one), 'mse' (½‖f − f_old‖²) or 'none'.
-      distill_temperature: softmax temperature of 'kl' (1: the spec's).
+      distill_temperature: softmax temperature of 'kl' (1: the authors'
+        code's, docs/method.md §8.5).
       distill_group_size: > 0: the 'kl' softmax is taken within consecutive
         blocks of this many outputs (task-IL heads); 0: over all active ones.
       bn_train: non-linear network only: BatchNorm uses batch statistics and
@@ -176,7 +177,7 @@ class MethodConfig:
             if not ok:
                 raise ValueError(f'MethodConfig: {msg}.')
 
-    # -- presets: the paper's methods (spec of the authors' code, §5) --------
+    # -- presets: the paper's methods (docs/method.md §7, §8) --------------
 
     @classmethod
     def dlcft(cls, **overrides) -> 'MethodConfig':
@@ -684,8 +685,8 @@ def begin_task(
     over into the fresh optimizer state. `class_mask` activates the outputs
     of the classes seen so far (class-IL) and keeps the shape of the head
     fixed, so no step is recompiled when classes arrive; the rows of new
-    classes are still at their anchor 0 and share the head curvature (paper
-    §3.4).
+    classes are still at their anchor 0 and share the head curvature
+    (docs/method.md §5.7).
 
     Args:
       state: the state after the previous task.

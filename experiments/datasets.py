@@ -1,4 +1,4 @@
-"""Host-side data sources of the continual runner (spec §1 and §5).
+"""Host-side data sources of the continual runner (docs/method.md §1, §2.5).
 
 `load(data_config)` returns a `Dataset`: the whole train and test splits as
 uint8 NHWC arrays in host memory, with int32 labels, the number of classes,
@@ -611,7 +611,9 @@ test_transform.__test__ = False  # not a pytest test when imported there
 def data_il_chunks(
     num_train: int, num_tasks: int, seed: int
 ) -> list[np.ndarray]:
-    """Splits the training set into the equal chunks of data-IL (spec §1).
+    """Splits the training set into the equal chunks of data-IL.
+
+    See docs/method.md §1.1.
 
     A permutation drawn from `np.random.default_rng(seed)` is cut into
     `num_tasks` contiguous pieces of `num_train // num_tasks` indices (the

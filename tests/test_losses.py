@@ -52,7 +52,10 @@ def test_shape_errors_say_what_is_expected():
 
 @pytest.mark.parametrize('margin', [0.0, 2.0, 5.0, 10.0, 20.0])
 def test_output_curvature_vanishes_for_ce_and_stays_identity_for_mse(margin):
-    """Spec §6.2: ∇²_f CE = diag(p) − ppᵀ → 0 as the margin grows; MSE's is I."""
+    """∇²_f CE = diag(p) − ppᵀ → 0 as the margin grows; MSE's is I.
+
+    docs/method.md §6.2.
+    """
     c = 5
     logits = margin * jax.nn.one_hot(2, c)[None]
     labels = jnp.array([2])

@@ -363,7 +363,8 @@ def _linear_features(params, x):
 def test_sequential_equals_joint_for_the_head_through_a_user_tx():
     """(L_t + t·R)/(t+1) with the exact head curvature, minimized task by task
     with a user's optax SGD, reaches the least-squares solution of all
-    tasks' data (paper §6.1, the head being an exactly quadratic problem)."""
+    tasks' data (docs/method.md §6.1, the head being an exactly quadratic
+    problem)."""
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
         d, per_task, num_tasks = 4, 40, 3

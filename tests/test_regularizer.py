@@ -1,4 +1,7 @@
-"""The quadratic penalty and the sequential = joint property (spec §6.1)."""
+"""The quadratic penalty and the sequential = joint property.
+
+See docs/method.md §6.1.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -183,10 +186,11 @@ def test_diagonal_curvature_breaks_sequential_equals_joint():
 
 
 def test_sequential_equals_joint_for_the_linearized_backbone_exact_hessian():
-    """Spec §6.1 on the linearized network itself (head fixed, so the model is
-    linear in Δψ): each task's loss is exactly quadratic with constant Hessian
-    H_i, and minimizing L_t + ½(θ−θ_{t−1})ᵀ(Σ_{i<t} H_i)(θ−θ_{t−1}) task by
-    task gives the joint minimizer."""
+    """docs/method.md §6.1 on the linearized network itself (head fixed, so
+    the model is linear in Δψ): each task's loss is exactly quadratic with
+    constant Hessian H_i, and minimizing
+    L_t + ½(θ−θ_{t−1})ᵀ(Σ_{i<t} H_i)(θ−θ_{t−1}) task by task gives the joint
+    minimizer."""
     with jax.enable_x64(True):
         apply_fn, v = init_small(jax.random.key(0))
         v = _f64(v)

@@ -1,6 +1,6 @@
 """ResNets in Flax Linen (NHWC): torchvision's ImageNet layout and CIFAR's.
 
-Two backbones of the paper (spec §2.2):
+Two backbones of the paper (docs/method.md §2.5):
 
 * `CifarResNet18`: the Seq-CIFAR-100 backbone. 3×3 stride-1 stem, no
   max-pool, BasicBlocks [2, 2, 2, 2], leaky ReLU (slope 0.01) by default,
@@ -296,7 +296,9 @@ def _scaled(width: int, multiplier: float) -> int:
 
 
 class CifarResNet18(nn.Module):
-    """CIFAR-style ResNet-18: 3×3 stride-1 stem, no max-pool (spec §2.2).
+    """CIFAR-style ResNet-18: 3×3 stride-1 stem, no max-pool.
+
+    See docs/method.md §2.5.
 
     Attributes:
         width_multiplier: Scales the stem and stage widths (64, 128, 256,

@@ -33,7 +33,7 @@ Parameters (`--config=experiments/configs/class_il.py:PARAM`):
   of 10 classes in natural order, CIFAR ResNet-18 pre-trained on ImageNet-32
   (`--config.backbone.checkpoint=backbone.npz` from `experiments.pretrain`),
   batch 128 + a 200-image buffer replaying 32, 10,000 steps per task (first
-  x2). Paper: 59.98% average accuracy (spec §7.2). Run time: 110,000
+  x2). Paper: 59.98% average accuracy (docs/method.md §9.2). Run time: 110,000
   linearized ResNet-18 steps at batch 160, weeks on a 2-core CPU (about 5 s
   per step at batch 32, README "Speed"); not timed on a GPU, none was
   available to this release.

@@ -29,7 +29,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-# The task-IL grouping of Seq-CIFAR-100 (spec §1, a fixed random permutation).
+# The task-IL grouping of Seq-CIFAR-100 (docs/method.md §1.2, a fixed random
+# permutation).
 CIFAR100_TASK_IL_GROUPS = (
     (64, 67, 7, 75, 50, 84, 93, 87, 29, 63),
     (1, 3, 9, 44, 45, 14, 28, 22, 24, 60),
@@ -116,7 +117,7 @@ def base() -> ml_collections.ConfigDict:
     # Re-estimate ψ0's BatchNorm statistics on this many batches of the first
     # task's training images before anything trains (0: keep the pre-trained
     # statistics, as the paper does). Every method then starts from the same
-    # re-estimated ψ0; see experiments.train.reestimate_batch_stats.
+    # re-estimated ψ0; see experiments.backbones.reestimate_batch_stats.
     config.backbone.bn_reestimate = 0
 
     config.train = ml_collections.ConfigDict()
@@ -212,7 +213,8 @@ def base() -> ml_collections.ConfigDict:
 
 
 def _paper_budget(config: ml_collections.ConfigDict) -> None:
-    """The paper's optimisation budget (spec §5), shared by its benchmarks."""
+    """The paper's optimisation budget (docs/method.md §7.1), shared by its
+    benchmarks."""
     config.backbone.activation = 'leaky_relu'
     config.train.batch_size = 128
     config.train.steps_per_task = 10_000
@@ -271,7 +273,8 @@ def get(setting: str, benchmark: str | None) -> ml_collections.ConfigDict:
             config.data.class_groups = CIFAR100_TASK_IL_GROUPS
             config.train.steps_per_task = 50_000
         if setting == 'class_il':
-            # "A small buffer" (spec §3.6): size unknown; mammoth's smallest.
+            # "A small buffer" (docs/method.md §3.4): size unknown; mammoth's
+            # smallest.
             config.replay.buffer_size = 200
             config.replay.batch_size = 32
         if benchmark == 'seq_cifar100_100':

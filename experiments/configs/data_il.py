@@ -21,16 +21,16 @@ Parameters (`--config=experiments/configs/data_il.py:PARAM`):
   accuracy of each setting.
 * `seq_cifar100`: Seq-CIFAR-100 in 10 chunks of 5,000 images, CIFAR ResNet-18
   pre-trained on ImageNet-32 (`--config.backbone.checkpoint`), batch 128,
-  10,000 steps per task. Paper: 82.70% (spec §7.1). Run time: a GPU job,
-  not timed here (no GPU was available to this release; weeks on a 2-core
-  CPU).
+  10,000 steps per task. Paper: 82.70% (docs/method.md §9.1). Run time: a
+  GPU job, not timed here (no GPU was available to this release; weeks on a
+  2-core CPU).
 * `seq_cifar100_100`: the same in 100 chunks of 500 images. Paper: 80.07%.
 * `seq_mit67`: MIT Indoor-67 (`--config.data.mit67_dir=DIR` with Images/,
   TrainImages.txt, TestImages.txt) in 4 chunks, ResNet-18 with torchvision
   ImageNet weights (`--config.backbone.checkpoint=resnet18.pth`) at 224 px,
-  resize 256 + random crop 224. Paper: 70.52% (spec §7.1). Run time: a GPU
-  job, not timed here (no GPU was available to this release; weeks on a
-  2-core CPU).
+  resize 256 + random crop 224. Paper: 70.52% (docs/method.md §9.1). Run
+  time: a GPU job, not timed here (no GPU was available to this release;
+  weeks on a 2-core CPU).
 """
 
 import ml_collections

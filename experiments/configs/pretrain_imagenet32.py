@@ -1,4 +1,6 @@
-r"""Pre-trains the Seq-CIFAR-100 backbone on ImageNet 32×32 (spec §2.2).
+r"""Pre-trains the Seq-CIFAR-100 backbone on ImageNet 32×32.
+
+See docs/method.md §2.5.
 
 CIFAR-style ResNet-18 (3×3 stem, no max-pool, width 1.0) with leaky ReLU,
 trained from scratch on TFDS `imagenet_resized/32x32` (1,281,167 train /
@@ -17,7 +19,7 @@ The dataset must already be prepared in array_record format under DIR
 with TensorFlow; the pipeline itself needs no TensorFlow). Re-running the
 same command resumes from the latest checkpoint in `workdir/checkpoints`.
 The result is `workdir/backbone.npz` + `backbone.json`, which
-`experiments.pretrain.load_backbone` reads.
+`experiments.backbones.load_backbone` reads.
 
 Cost: 2,502 steps per epoch, 500,400 steps in all, 2.6e8 images at about
 0.56 GMACs forward (about 3x that with the backward pass), i.e. roughly
@@ -27,8 +29,9 @@ batch 8) takes about 0.03 s once compiled (250 images/s); the full-width
 network at batch 512 is far beyond a CPU.
 
 Expected result: the paper does not report the pre-training accuracy, and
-the authors' run configuration is not recorded (spec §2.2 [INF]), so there is
-no reference top-1 to compare against.
+the authors' run configuration is not recorded (that this recipe produced
+their checkpoint is an inference, docs/method.md §2.5), so there is no
+reference top-1 to compare against.
 
 Config parameter `:tiny` (`--config=...pretrain_imagenet32.py:tiny`): width
 0.125, batch 8, 20 steps, evaluation on 64 images — a smoke test of the
@@ -45,7 +48,7 @@ IMAGENET32_STD = (0.2604, 0.2532, 0.2682)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The §2.2 ImageNet-32 recipe; `arg='tiny'` for a smoke-test size.
+    """The ImageNet-32 recipe (docs/method.md §2.5); `arg='tiny'`: smoke test.
 
     Args:
         arg: None/'' for the paper's recipe, 'tiny' for the small variant.

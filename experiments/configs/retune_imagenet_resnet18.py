@@ -1,4 +1,6 @@
-r"""Re-tunes torchvision's ResNet-18 with leaky ReLU on ImageNet (spec §2.2).
+r"""Re-tunes torchvision's ResNet-18 with leaky ReLU on ImageNet.
+
+See docs/method.md §2.5.
 
 The Seq-MIT-67 backbone: torchvision's ImageNet ResNet-18 weights, the ReLUs
 switched to leaky ReLU (slope 0.01), then trained for one epoch on ImageNet
@@ -40,7 +42,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The §2.2 leaky-ReLU re-tune of torchvision's ResNet-18.
+    """The leaky-ReLU re-tune of torchvision's ResNet-18 (docs/method.md §2.5).
 
     Args:
         arg: Unused; present so every pre-training config takes a parameter.

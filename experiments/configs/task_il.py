@@ -2,7 +2,7 @@ r"""Task-incremental DLCFT: a head per task, chosen by the task id at test.
 
 The heads are the blocks of one wide head; a task's examples train and are
 scored only on their own block, and only the shared backbone is regularized
-(spec §3.3). No replay.
+(docs/method.md §4.1). No replay.
 
 Parameters (`--config=experiments/configs/task_il.py:PARAM`):
 
@@ -19,10 +19,11 @@ Parameters (`--config=experiments/configs/task_il.py:PARAM`):
   while other jobs shared the CPU); the README's results table lists the
   accuracy of each setting.
 * `seq_cifar100`: the paper's task-IL benchmark, Seq-CIFAR-100 in 10 tasks
-  grouped as in the authors' code (spec §1), CIFAR ResNet-18 pre-trained on
-  ImageNet-32 (`--config.backbone.checkpoint`), batch 128, 50,000 steps per
-  task (first x2). Paper: 95.79% (spec §7.2). Run time: a GPU job, not timed
-  here (no GPU was available to this release; weeks on a 2-core CPU).
+  grouped as in the authors' code (docs/method.md §1.2), CIFAR ResNet-18
+  pre-trained on ImageNet-32 (`--config.backbone.checkpoint`), batch 128,
+  50,000 steps per task (first x2). Paper: 95.79% (docs/method.md §9.2). Run
+  time: a GPU job, not timed here (no GPU was available to this release;
+  weeks on a 2-core CPU).
 """
 
 import ml_collections
