@@ -129,3 +129,31 @@ def shard_batch(batch: Any, num_devices: Optional[int] = None) -> Any:
         return x.reshape((n, x.shape[0] // n) + x.shape[1:])
 
     return jax.tree.map(split, batch)
+
+
+def host_replicate(tree: Any, num_devices: Optional[int] = None) -> Any:
+    """`num_devices` stacked copies of every leaf, as NumPy views (no copy).
+
+    A `pmap` input: pmap places one copy on each local device itself, and its
+    outputs then stay there (sharded) from step to step.
+    """
+    n = num_devices or jax.local_device_count()
+    return jax.tree.map(
+        lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree
+    )
+
+
+def host_unreplicate(tree: Any) -> Any:
+    """Device 0's copy of a pmap-replicated pytree, as NumPy arrays.
+
+    Reads one shard per leaf: no gather of all copies and no per-shape
+    compilation (unlike `unreplicate`'s `x[0]` on a sharded array).
+    """
+
+    def first(x):
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)[0]
+        d = np.asarray(x.addressable_shards[0].data)
+        return d[0] if d.ndim == x.ndim else d
+
+    return jax.tree.map(first, tree)

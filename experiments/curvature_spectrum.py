@@ -718,14 +718,14 @@ def define_flags() -> None:
 def build(backbone: str, image_size: int, seed: int):
     """(apply_fn, variables) of the backbone, as the runner builds it."""
     # pylint: disable=g-import-not-at-top
-    from experiments import train
+    from experiments import backbones
     from experiments.configs import class_il
 
     config = class_il.get_config()
     config.backbone.name = backbone
     config.backbone.image_size = image_size
     config.seed = seed
-    return train.build_backbone(config)
+    return backbones.build_backbone(config)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -35,7 +35,7 @@ same for every method so that comparisons are fair):
 * `osla`: the K-FAC Laplace penalty of the non-linear network with SCE and
   categorical pseudo-labels (Ritter et al., 2018; the authors' METHOD=KFAC,
   LINEARIZED=False, LOSS_FN=SCE), SGD 0.9 / 1e-3.
-* The ablation grid of the paper's §7.3, all with K-FAC:
+* The ablation grid of the paper (docs/method.md §8.7, §9.3), all with K-FAC:
   `kfac_lin_mse` (= dlcft), `kfac_lin_sce`, `kfac_nonlin_mse`,
   `kfac_nonlin_sce` (= osla). The linearized ones use DLCFT's Adam 1e-4, the
   non-linear ones SGD 0.9 / 1e-3 (the authors' pairing of optimizer and
@@ -62,9 +62,12 @@ same for every method so that comparisons are fair):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
+
+import ml_collections
 
 import dlcft_jax as dj
+from experiments.cli import ConfigError
 
 SETTINGS = ('class_il', 'task_il', 'data_il')
 
@@ -173,3 +176,82 @@ DER_ALPHA = {'der': 0.3, 'derpp': 0.1}
 def get(name: str) -> Method:
     """The `Method` called `name` (KeyError if unknown)."""
     return METHODS[name]
+
+
+# ----------------------------------------------------------------------------
+# A config's method: its MethodConfig and its replay sizes.
+
+
+def method_config(config: ml_collections.ConfigDict) -> dj.MethodConfig:
+    """The `MethodConfig` of `config.method`, with the config's overrides."""
+    method = get(config.method)
+    o = config.optim
+    overrides: dict[str, Any] = {'alpha': o.alpha}
+    for key, name in (
+        ('optimizer', 'name'),
+        ('learning_rate', 'learning_rate'),
+        ('proximal', 'proximal'),
+        ('weight_decay', 'weight_decay'),
+        ('clip_norm', 'clip_norm'),
+        ('schedule', 'schedule'),
+    ):
+        if o[name] is not None:
+            overrides[key] = o[name]
+    if method.adam and o.learning_rate is None and o.adam_learning_rate:
+        overrides['learning_rate'] = o.adam_learning_rate
+    mcfg = method.preset(**overrides)
+    fields: dict[str, Any] = {}
+    if mcfg.regularizer in ('kfac', 'tkfac'):
+        fields['regularizer'] = config.curvature.kind
+    # Task-IL heads are separate per task and not regularized
+    # (docs/method.md §4.1).
+    fields['regularize_head'] = config.setting != 'task_il'
+    bn_train = config.baselines.bn_train
+    fields['bn_train'] = method.bn_train if bn_train is None else bn_train
+    if mcfg.distill != 'none':
+        fields['distill_temperature'] = config.baselines.lwf_temperature
+        if config.setting == 'task_il':
+            fields['distill_group_size'] = (
+                len(config.data.class_groups[0])
+                if config.data.class_groups is not None
+                else config.data.classes_per_task
+            )
+    try:
+        return dataclasses.replace(mcfg, **fields)
+    except ValueError as e:
+        raise ConfigError(
+            f'config.method={config.method!r}: {e} (see config.baselines.'
+            'bn_train and config.optim).'
+        ) from None
+
+
+def buffer_size(config: ml_collections.ConfigDict) -> int:
+    """The reservoir's capacity: the config's, or the setting's default
+    (200 in class-IL and for the buffer methods, else 0)."""
+    if config.replay.buffer_size is not None:
+        return config.replay.buffer_size
+    method = get(config.method)
+    if method.replay == 'none':  # joint and the training-free methods too
+        return 0
+    return 200 if config.setting == 'class_il' or method.needs_buffer else 0
+
+
+def replay_batch(config: ml_collections.ConfigDict) -> int:
+    """Replayed examples per draw (0 when replay is off)."""
+    if get(config.method).replay == 'none':
+        return 0
+    if buffer_size(config) == 0 or config.replay.batch_size == 0:
+        return 0
+    return config.replay.batch_size
+
+
+def replay_draws(config: ml_collections.ConfigDict) -> int:
+    """Replay draws per step: none, one, or two for DER++."""
+    if not replay_batch(config):
+        return 0
+    return 2 if get(config.method).replay == 'derpp' else 1
+
+
+def insert_mode(config: ml_collections.ConfigDict) -> str:
+    """When examples enter the buffer: 'stream' or 'task_end'."""
+    return config.replay.insert or get(config.method).insert

@@ -1,4 +1,4 @@
-r"""Supervised pre-training of a DLCFT backbone (spec §2.2).
+r"""Supervised pre-training of a DLCFT backbone (docs/method.md §2.5).
 
   python -m experiments.pretrain \
       --config=experiments/configs/pretrain_imagenet32.py --workdir=DIR
@@ -43,10 +43,10 @@ import concurrent.futures
 import functools
 import json
 import os
-import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -55,151 +55,34 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import app
-from absl import flags
 from absl import logging
 from flax import traverse_util
 from jax import lax
-from ml_collections import config_flags
 from PIL import Image
 
 from dlcft_jax import parallel
 from dlcft_jax.models import resnet
+from experiments import (
+    backbones,
+    checkpointing,
+    cli,
+    input_pipeline,
+    reporting,
+)
+from experiments.cli import ConfigError, need
 
-# Bump when the layout of backbone.npz / backbone.json changes.
-BACKBONE_FORMAT_VERSION = 1
-MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    'cifar_resnet18': resnet.cifar_resnet18,
-    'resnet18': resnet.resnet18,
-    'resnet50': resnet.resnet50,
-}
 AUGMENTATIONS = ('crop_flip', 'resize_crop_flip', 'none')
 SCHEDULES = ('onecycle', 'constant')
 WEIGHT_DECAY_MASKS = ('all', 'kernels')
 State = dict[str, Any]
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says what to change."""
-
-
-# ----------------------------------------------------------------------------
-# Backbone export and import.
-
-
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Constructor kwargs of the config's architecture (without the head).
-
-    Args:
-        config: The pre-training config.
-
-    Returns:
-        Keyword arguments for `MODEL_BUILDERS[config.model.architecture]`.
-    """
+    """Constructor kwargs of the config's architecture (without the head)."""
     kwargs: dict[str, Any] = {'activation': config.model.activation}
     if config.model.architecture == 'cifar_resnet18':
         kwargs['width_multiplier'] = float(config.model.width_multiplier)
     return kwargs
-
-
-def build_model(
-    architecture: str, num_classes: int | None = None, **kwargs: Any
-) -> nn.Module:
-    """Builds a ResNet by name.
-
-    Args:
-        architecture: A key of `MODEL_BUILDERS`.
-        num_classes: None for the feature extractor g(x), an int for logits.
-        **kwargs: Constructor kwargs (activation, width_multiplier).
-
-    Returns:
-        The Flax module.
-    """
-    if architecture not in MODEL_BUILDERS:
-        raise ConfigError(
-            f'model.architecture={architecture!r}; expected one of '
-            f'{sorted(MODEL_BUILDERS)}'
-        )
-    return MODEL_BUILDERS[architecture](num_classes=num_classes, **kwargs)
-
-
-def _sidecar_path(path: str | os.PathLike) -> Path:
-    return Path(path).with_suffix('.json')
-
-
-def save_backbone(
-    path: str | os.PathLike, variables: dict[str, Any], info: dict[str, Any]
-) -> None:
-    """Writes backbone variables as a flat .npz plus a JSON sidecar.
-
-    Both files are written to temporaries and renamed, so a reader never sees
-    a half-written export.
-
-    Args:
-        path: The .npz path; the sidecar is the same path with '.json'.
-        variables: Backbone variables {'params': ..., 'batch_stats': ...}.
-        info: Sidecar fields (see `load_backbone`).
-    """
-    path = Path(path)
-    flat = traverse_util.flatten_dict(jax.device_get(variables), sep='/')
-    arrays = {k: np.asarray(v) for k, v in flat.items()}
-    tmp = path.with_name(path.name + '.tmp.npz')
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    side = _sidecar_path(path)
-    tmp_side = side.with_name(side.name + '.tmp')
-    tmp_side.write_text(json.dumps(info, indent=2) + '\n', encoding='utf-8')
-    os.replace(tmp_side, side)
-
-
-def backbone_info(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads the JSON sidecar of a backbone export.
-
-    Args:
-        path: The backbone .npz (or its .json sidecar).
-
-    Returns:
-        The sidecar dict: format_version, architecture, model_kwargs,
-        feature_dim, image_size, mean, std, dataset, num_pretrain_classes,
-        step, total_steps, complete, eval_accuracy.
-    """
-    side = _sidecar_path(path)
-    if not side.is_file():
-        raise FileNotFoundError(f'backbone sidecar {side} not found')
-    info = json.loads(side.read_text(encoding='utf-8'))
-    if info.get('format_version') != BACKBONE_FORMAT_VERSION:
-        raise ValueError(
-            f'{side}: format_version {info.get("format_version")!r}, '
-            f'expected {BACKBONE_FORMAT_VERSION}'
-        )
-    return info
-
-
-def load_backbone(
-    path: str | os.PathLike,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Loads a backbone written by `experiments.pretrain`.
-
-    Build the network with
-    `MODEL_BUILDERS[backbone_info(path)['architecture']](**model_kwargs)`
-    (no num_classes: it returns pooled features g(x)).
-
-    Args:
-        path: `workdir/backbone.npz`; `workdir/backbone.json` must exist.
-
-    Returns:
-        (model_kwargs, variables): constructor kwargs of the architecture
-        (activation, and width_multiplier for 'cifar_resnet18') and nested
-        {'params': ..., 'batch_stats': ...} of float32 NumPy arrays.
-    """
-    path = Path(path)
-    info = backbone_info(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'backbone file {path} not found')
-    with np.load(path, allow_pickle=False) as data:
-        flat = {k: data[k] for k in data.files}
-    variables = traverse_util.unflatten_dict(flat, sep='/')
-    return dict(info['model_kwargs']), variables
 
 
 # ----------------------------------------------------------------------------
@@ -211,14 +94,10 @@ def _check_config(
 ) -> None:
     """Raises ConfigError for settings that cannot run."""
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
     need(
-        config.model.architecture in MODEL_BUILDERS,
+        config.model.architecture in backbones.MODEL_BUILDERS,
         f'model.architecture={config.model.architecture!r}; expected one '
-        f'of {sorted(MODEL_BUILDERS)}',
+        f'of {sorted(backbones.MODEL_BUILDERS)}',
     )
     need(
         config.model.activation in resnet.ACTIVATIONS,
@@ -412,10 +291,7 @@ class Loader:
         Returns:
             (images (N, S, S, 3) uint8, labels (N,) int32).
         """
-        if rng is None:
-            rngs = [None] * len(indices)
-        else:
-            rngs = rng.spawn(len(indices))
+        rngs = [None] * len(indices) if rng is None else rng.spawn(len(indices))
         pairs = list(self._pool.map(self._example, indices, rngs))
         images = np.stack([p[0] for p in pairs])
         labels = np.asarray([p[1] for p in pairs], np.int32)
@@ -432,14 +308,8 @@ def _train_batch_indices(
     epoch, b = divmod(step, steps_per_epoch)
     perm = epoch_permutation(seed, epoch, size)
     global_idx = perm[b * batch : (b + 1) * batch]
-    host_batch = batch // jax.process_count()
-    start = jax.process_index() * host_batch
     rng = np.random.default_rng([seed, epoch, b, jax.process_index()])
-    return epoch, global_idx[start : start + host_batch], rng
-
-
-def _shard(x: np.ndarray, num_devices: int) -> np.ndarray:
-    return x.reshape((num_devices, -1) + x.shape[1:])
+    return epoch, global_idx[input_pipeline.host_rows(batch)], rng
 
 
 # ----------------------------------------------------------------------------
@@ -639,21 +509,18 @@ def _evaluate(
     The last batch is padded with weight-0 copies so shapes stay static.
     """
     batch = config.eval.batch_size
-    host_batch = batch // jax.process_count()
     n = loader.num_examples
     correct = count = 0.0
     for start in range(0, n, batch):
         idx = np.arange(start, start + batch)
         weights = (idx < n).astype(np.float32)
         idx = np.minimum(idx, n - 1)
-        lo = jax.process_index() * host_batch
-        idx, weights = idx[lo : lo + host_batch], weights[lo : lo + host_batch]
+        rows = input_pipeline.host_rows(batch)
+        idx, weights = idx[rows], weights[rows]
         images, labels = loader.batch(idx, None)
         out = eval_step(
             state,
-            _shard(images, num_devices),
-            _shard(labels, num_devices),
-            _shard(weights, num_devices),
+            *parallel.shard_batch((images, labels, weights), num_devices),
         )
         out = jax.device_get(out)
         correct += float(out['correct'][0])
@@ -684,18 +551,6 @@ def _data_source(config: ml_collections.ConfigDict, split: str) -> Any:
             'it first, e.g. with `tfds build`, in array_record format): '
             f'{type(e).__name__}: {str(e).strip().splitlines()[0]}'
         ) from e
-
-
-def _checkpoint_manager(
-    workdir: Path, config: ml_collections.ConfigDict
-) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        (workdir / 'checkpoints').absolute(),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.checkpoint.max_to_keep,
-            save_interval_steps=config.checkpoint.every_steps,
-        ),
-    )
 
 
 def pretrain(
@@ -730,7 +585,7 @@ def pretrain(
     )
     stop_step = min(total_steps, config.train.max_steps or total_steps)
 
-    model = build_model(
+    model = backbones.build_model(
         config.model.architecture,
         num_classes=config.data.num_classes,
         **model_kwargs(config),
@@ -742,7 +597,11 @@ def pretrain(
 
     rng = jax.random.PRNGKey(config.seed)
 
-    manager = _checkpoint_manager(workdir, config)
+    manager = checkpointing.manager(
+        workdir,
+        every_steps=config.checkpoint.every_steps,
+        max_to_keep=config.checkpoint.max_to_keep,
+    )
     latest = manager.latest_step()
     if latest is not None:
         abstract = jax.eval_shape(init_fn, rng)
@@ -761,30 +620,13 @@ def pretrain(
     replicated = parallel.replicate(state, num_devices)
     del state
 
-    def host_batches(first: int) -> Iterator[tuple[int, Any, Any]]:
-        # One batch is read ahead in a thread while the device computes.
-        def load(s):
-            epoch, idx, brng = _train_batch_indices(
-                config.seed,
-                s,
-                steps_per_epoch,
-                batch,
-                train_loader.num_examples,
-            )
-            images, labels = train_loader.batch(idx, brng)
-            return (
-                epoch,
-                _shard(images, num_devices),
-                _shard(labels, num_devices),
-            )
-
-        with concurrent.futures.ThreadPoolExecutor(1) as ahead:
-            pending = ahead.submit(load, first) if first < stop_step else None
-            for s in range(first, stop_step):
-                current = pending.result()
-                if s + 1 < stop_step:
-                    pending = ahead.submit(load, s + 1)
-                yield current
+    def load(s: int) -> tuple[int, Any, Any]:
+        """Epoch and this host's batch of global step s, on the devices."""
+        epoch, idx, brng = _train_batch_indices(
+            config.seed, s, steps_per_epoch, batch, train_loader.num_examples
+        )
+        images, labels = train_loader.batch(idx, brng)
+        return (epoch, *parallel.shard_batch((images, labels), num_devices))
 
     logging.info(
         'training steps %d..%d of %d (%d per epoch, batch %d on %d devices)',
@@ -796,16 +638,14 @@ def pretrain(
         num_devices,
     )
     eval_accuracy = None
-    with open(workdir / 'log.jsonl', 'a', encoding='utf-8') as log_file:
-
-        def log(record: dict[str, Any]) -> None:
-            if jax.process_index() == 0:
-                log_file.write(json.dumps(record) + '\n')
-                log_file.flush()
-
+    with reporting.RunLog(workdir, chief=jax.process_index() == 0) as log:
         pending_metrics = []
         t0, n0 = time.perf_counter(), step
-        for epoch, images, labels in host_batches(step):
+        # One batch is read ahead in a thread while the device computes.
+        batches = input_pipeline.prefetch(
+            (load(s) for s in range(step, stop_step)), size=1
+        )
+        for epoch, images, labels in batches:
             replicated, metrics = train_step(replicated, images, labels)
             pending_metrics.append(metrics)
             step += 1
@@ -841,7 +681,11 @@ def pretrain(
                     record['lr'],
                     record['images_per_s'],
                 )
-                log(record)
+                log.record(record)
+                log.scalars(
+                    {f'train/{k}': v for k, v in record.items() if k != 'step'},
+                    step,
+                )
                 t0, n0 = time.perf_counter(), step
             if manager.should_save(step) or last:
                 host_state = parallel.unreplicate(replicated)
@@ -856,7 +700,8 @@ def pretrain(
                 and not last
             ):
                 acc = _run_eval(eval_step, replicated, config, num_devices)
-                log({'step': step, 'epoch': epoch, 'eval_accuracy': acc})
+                log.record({'step': step, 'epoch': epoch, 'eval_accuracy': acc})
+                log.scalars({'eval/accuracy': acc}, step)
         manager.wait_until_finished()
         train_loader.close()
 
@@ -866,18 +711,21 @@ def pretrain(
                 eval_step, replicated, config, num_devices
             )
             logging.info('eval accuracy at step %d: %.4f', step, eval_accuracy)
-            log({'step': step, 'eval_accuracy': eval_accuracy})
+            log.record({'step': step, 'eval_accuracy': eval_accuracy})
+            log.scalars({'eval/accuracy': eval_accuracy}, step)
 
     final = jax.device_get(parallel.unreplicate(replicated))
     backbone, _ = resnet.split_head(
         {'params': final['params'], 'batch_stats': final['batch_stats']}
     )
     info = {
-        'format_version': BACKBONE_FORMAT_VERSION,
+        'format_version': backbones.BACKBONE_FORMAT_VERSION,
         'architecture': config.model.architecture,
         'model_kwargs': model_kwargs(config),
         'feature_dim': resnet.feature_dim(
-            build_model(config.model.architecture, **model_kwargs(config))
+            backbones.build_model(
+                config.model.architecture, **model_kwargs(config)
+            )
         ),
         'image_size': config.data.image_size,
         'mean': list(config.data.mean),
@@ -891,7 +739,7 @@ def pretrain(
     }
     backbone_path = workdir / 'backbone.npz'
     if jax.process_index() == 0:
-        save_backbone(backbone_path, backbone, info)
+        backbones.save_backbone(backbone_path, backbone, info)
     manager.close()
     return {
         'step': step,
@@ -923,41 +771,16 @@ def _run_eval(
 # Command line.
 
 
-def _cli() -> None:
-    """Defines the flags and runs `pretrain`.
-
-    The flags are defined here rather than at import time so that other
-    runners (which define their own --config) can import `load_backbone`.
-    """
-    config_flag = config_flags.DEFINE_config_file(
-        'config',
-        None,
-        'A config file under experiments/configs/ (pretrain_*.py or '
-        'retune_*.py).',
-        lock_config=True,
+def _main() -> None:
+    cli.main(
+        pretrain,
+        config_help='A config file under experiments/configs/ (pretrain_*.py '
+        'or retune_*.py).',
+        workdir_help='Folder for checkpoints, log.jsonl and backbone.npz.',
+        verbosity=logging.INFO,
+        on_success=lambda summary: print(json.dumps(summary)),
     )
-    workdir_flag = flags.DEFINE_string(
-        'workdir', None, 'Folder for checkpoints, log.jsonl and backbone.npz.'
-    )
-    flags.mark_flags_as_required(['config', 'workdir'])
-
-    def main(argv: Sequence[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-        logging.set_verbosity(logging.INFO)
-        try:
-            summary = pretrain(config_flag.value, workdir_flag.value)
-        except (ValueError, FileNotFoundError, FloatingPointError) as e:
-            # Configuration and data errors (ConfigError is a ValueError)
-            # end with one message that says what to change.
-            if os.environ.get('DLCFT_TRACEBACK'):
-                raise
-            print(f'error: {e}', file=sys.stderr)
-            sys.exit(2)
-        print(json.dumps(summary))
-
-    app.run(main)
 
 
 if __name__ == '__main__':
-    _cli()
+    _main()

@@ -1,26 +1,24 @@
-"""Reporting for continual-learning runs: TensorBoard, plots, tables, progress.
+"""Where a result is reported: the run's logs, TensorBoard, plots, tables and
+the progress display.
 
-Everything here depends only on the standard library, numpy and matplotlib:
-
-* `EventWriter` writes TensorBoard event files (scalars) without TensorFlow or
-  protobuf, by encoding the few protocol-buffer fields it needs by hand;
-  `read_scalars` reads them back (and checks every CRC).
-* `save_plots` draws the accuracy matrix and the per-task accuracy curves of a
-  `results.json` dict into one PNG.
-* `summary_table` renders a `results.json` dict as a one-screen text table.
-* `Progress` shows the progress of training a task on a terminal, or prints
-  plain periodic lines when the output is a log file.
+* `RunLog`: the JSONL log (`log.jsonl`) and TensorBoard scalars of a run,
+  written by the chief host only. TensorBoard events go through
+  `tensorboardX`, a kept writer that needs neither TensorFlow nor PyTorch.
+* `Progress`: the progress of a task, a `tqdm` bar on a terminal and plain
+  periodic lines in a log file or CI.
+* `report_task`, `write_outputs`: what a run prints and writes after each
+  task and at its end (results.json, summary.txt, results.png).
+* `save_plots`, `summary_table`, `joint_summary`: the figures and tables of
+  a `results.json` dict.
 
 The metrics themselves come from `dlcft_jax.metrics`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
 import os
-import socket
-import struct
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -31,333 +29,61 @@ import numpy as np
 
 from dlcft_jax import metrics as metrics_lib
 
-# ---------------------------------------------------------------------------
-# CRC32C (Castagnoli), as used by the TFRecord framing.
-# ---------------------------------------------------------------------------
-
-_CRC32C_POLY = 0x82F63B78  # Reflected Castagnoli polynomial.
-_CRC32C_CHECK = 0xE3069283  # crc32c(b'123456789'), the standard check value.
-
-
-def _make_crc32c_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ _CRC32C_POLY if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC32C_TABLE = _make_crc32c_table()
-
-
-def _crc32c_table(data: bytes) -> int:
-    """Pure-Python table-driven CRC32C (fast enough for event records)."""
-    crc = 0xFFFFFFFF
-    table = _CRC32C_TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _native_crc32c():
-    """A C implementation of CRC32C if one is installed and correct."""
-    candidates = []
-    with contextlib.suppress(ImportError):
-        import google_crc32c
-
-        candidates.append(google_crc32c.value)
-    with contextlib.suppress(ImportError, AttributeError):
-        import crc32c
-
-        candidates.append(crc32c.crc32c)
-    for fn in candidates:
-        try:
-            if fn(b'123456789') == _CRC32C_CHECK:
-                return fn
-        except (TypeError, ValueError):  # An incompatible API: skip it.
-            continue
-    return None
-
-
-_crc32c = _native_crc32c() or _crc32c_table
-
-
-def _masked_crc(data: bytes) -> int:
-    """The masked CRC32C that TFRecord files store."""
-    crc = _crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
 
 # ---------------------------------------------------------------------------
-# Minimal protocol-buffer encoding and decoding.
-# ---------------------------------------------------------------------------
-
-_VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
-
-
-def _varint(value: int) -> bytes:
-    if value < 0:  # int64 fields: two's complement on 64 bits (10 bytes).
-        value += 1 << 64
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def _key(field: int, wire_type: int) -> bytes:
-    return _varint((field << 3) | wire_type)
-
-
-def _bytes_field(field: int, data: bytes) -> bytes:
-    return _key(field, _BYTES) + _varint(len(data)) + data
-
-
-def _float32(value: float) -> bytes:
-    """`value` as a little-endian float32; out-of-range values become inf."""
-    value = float(value)
-    try:
-        return struct.pack('<f', value)
-    except OverflowError:
-        return struct.pack('<f', math.copysign(math.inf, value))
-
-
-def _encode_event(
-    wall_time: float,
-    step: int = 0,
-    file_version: str | None = None,
-    values: Sequence[tuple[str, float]] = (),
-) -> bytes:
-    """Serializes a `tensorflow.Event` with a `Summary` of simple values."""
-    out = _key(1, _FIXED64) + struct.pack('<d', float(wall_time))
-    if step:
-        out += _key(2, _VARINT) + _varint(int(step))
-    if file_version is not None:
-        out += _bytes_field(3, file_version.encode('utf-8'))
-    if values:
-        summary = b''.join(
-            _bytes_field(
-                1,
-                _bytes_field(1, tag.encode('utf-8'))
-                + _key(2, _FIXED32)
-                + _float32(value),
-            )
-            for tag, value in values
-        )
-        out += _bytes_field(5, summary)
-    return out
-
-
-def _decode_fields(data: bytes):
-    """Yields `(field, wire_type, value)`; value is an int or raw bytes."""
-    pos, end = 0, len(data)
-
-    def read_varint():
-        nonlocal pos
-        result = shift = 0
-        while True:
-            if pos >= end:
-                raise ValueError('Truncated varint in protocol buffer.')
-            byte = data[pos]
-            pos += 1
-            result |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return result
-            shift += 7
-
-    while pos < end:
-        key = read_varint()
-        field, wire_type = key >> 3, key & 7
-        if wire_type == _VARINT:
-            value = read_varint()
-        elif wire_type in (_FIXED64, _FIXED32, _BYTES):
-            sizes = {_FIXED64: 8, _FIXED32: 4}
-            size = sizes.get(wire_type) or read_varint()
-            if pos + size > end:
-                raise ValueError('Truncated field in protocol buffer.')
-            value = data[pos : pos + size]
-            pos += size
-        else:
-            raise ValueError(f'Unsupported protobuf wire type {wire_type}.')
-        yield field, wire_type, value
-
-
-# ---------------------------------------------------------------------------
-# TensorBoard event files.
+# The run's logs.
 # ---------------------------------------------------------------------------
 
 
-def _record(data: bytes) -> bytes:
-    """Frames `data` as one TFRecord."""
-    header = struct.pack('<Q', len(data))
-    return (
-        header
-        + struct.pack('<I', _masked_crc(header))
-        + data
-        + struct.pack('<I', _masked_crc(data))
-    )
-
-
-class EventWriter:
-    """Writes scalar summaries to a TensorBoard event file.
-
-    Needs neither TensorFlow nor protobuf. The file is named like TensorFlow's
-    (`events.out.tfevents.<time>.<host>.<pid><suffix>`), so `tensorboard
-    --logdir` picks it up. Use as a context manager, or call `close()`.
+class RunLog:
+    """`log.jsonl` and TensorBoard scalars of a run (no-ops off the chief).
 
     Example:
-      with EventWriter('runs/cifar100') as writer:
-          writer.scalar('train/loss', 0.5, step=10)
-          writer.scalars({'eval/acc': 81.0, 'eval/forgetting': 3.2}, step=1)
-
-    Attributes:
-      path: The `Path` of the event file.
+      with RunLog(workdir, chief=jax.process_index() == 0) as log:
+          log.record({'task': 0, 'step': 10, 'loss': 0.5})
+          log.scalars({'train/loss': 0.5}, step=10)
     """
 
-    def __init__(self, logdir: str | os.PathLike, filename_suffix: str = ''):
-        """Creates `logdir` if needed and the event file in it.
+    def __init__(self, workdir: str | os.PathLike, chief: bool = True):
+        self._file = self._events = None
+        if chief:
+            from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-        Args:
-          logdir: Folder for the event file (one TensorBoard run).
-          filename_suffix: Appended to the file name.
-        """
-        logdir = Path(logdir)
-        logdir.mkdir(parents=True, exist_ok=True)
-        name = (
-            f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.'
-            f'{os.getpid()}{filename_suffix}'
-        )
-        self.path = logdir / name
-        # Append, so that a second writer opened in the same second by the
-        # same process cannot erase the first one's events.
-        self._file = open(self.path, 'ab')  # noqa: SIM115
-        self._write(_encode_event(time.time(), file_version='brain.Event:2'))
-        self.flush()
+            workdir = Path(workdir)
+            self._file = open(workdir / 'log.jsonl', 'a', encoding='utf-8')  # noqa: SIM115
+            self._events = SummaryWriter(str(workdir / 'tensorboard'))
 
-    def _write(self, event: bytes) -> None:
-        if self._file is None:
-            raise ValueError(f'EventWriter for {self.path} is closed.')
-        self._file.write(_record(event))
-
-    def scalar(
-        self,
-        tag: str,
-        value: float,
-        step: int,
-        wall_time: float | None = None,
-    ) -> None:
-        """Logs one scalar (stored as float32, as TensorBoard does).
-
-        Args:
-          tag: Name of the curve, e.g. 'train/loss'.
-          value: Any number convertible with `float()` (numpy and JAX scalars
-            too).
-          step: The x coordinate (int64).
-          wall_time: Seconds since the epoch; defaults to now.
-        """
-        self.scalars({tag: value}, step, wall_time)
-
-    def scalars(
-        self,
-        values: Mapping[str, float],
-        step: int,
-        wall_time: float | None = None,
-    ) -> None:
-        """Logs several scalars at the same step (one event).
-
-        Args:
-          values: Maps tags to values.
-          step: The x coordinate (int64).
-          wall_time: Seconds since the epoch; defaults to now.
-        """
-        if not values:
-            return
-        items = [(str(tag), float(v)) for tag, v in values.items()]
-        wall_time = time.time() if wall_time is None else wall_time
-        self._write(_encode_event(wall_time, int(step), values=items))
-
-    def flush(self) -> None:
-        """Writes buffered events to disk."""
+    def record(self, record: Mapping[str, Any]) -> None:
+        """Appends one JSON line to log.jsonl."""
         if self._file is not None:
+            self._file.write(json.dumps(record) + '\n')
             self._file.flush()
 
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        """Adds one TensorBoard scalar per tag at `step`."""
+        if self._events is None:
+            return
+        for tag, value in values.items():
+            self._events.add_scalar(tag, float(value), int(step))
+
+    def flush(self) -> None:
+        if self._events is not None:
+            self._events.flush()
+
     def close(self) -> None:
-        """Flushes and closes the file; later calls do nothing."""
+        """Flushes and closes both files; later calls do nothing."""
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def read_scalars(path: str | os.PathLike) -> list[tuple[str, int, float]]:
-    """Reads the simple-value scalars of a TensorBoard event file.
-
-    Reads files from `EventWriter` and from other writers that store scalars
-    as `simple_value` (e.g. PyTorch's SummaryWriter); other summaries (images,
-    tensor-valued scalars) are skipped.
-
-    Args:
-      path: The event file.
-
-    Returns:
-      `(tag, step, value)` tuples in file order; values are float32 numbers
-      converted to Python floats.
-
-    Raises:
-      ValueError: If a record is truncated or a CRC does not match.
-    """
-    data = Path(path).read_bytes()
-    out = []
-    pos = 0
-    while pos < len(data):
-        if pos + 12 > len(data):
-            raise ValueError(f'{path}: truncated record header at byte {pos}.')
-        header = data[pos : pos + 8]
-        (length,) = struct.unpack('<Q', header)
-        (header_crc,) = struct.unpack('<I', data[pos + 8 : pos + 12])
-        if header_crc != _masked_crc(header):
-            raise ValueError(f'{path}: length CRC mismatch at byte {pos}.')
-        start = pos + 12
-        if start + length + 4 > len(data):
-            raise ValueError(f'{path}: truncated record at byte {pos}.')
-        event = data[start : start + length]
-        (data_crc,) = struct.unpack(
-            '<I', data[start + length : start + length + 4]
-        )
-        if data_crc != _masked_crc(event):
-            raise ValueError(f'{path}: data CRC mismatch at byte {pos}.')
-        pos = start + length + 4
-        step = 0
-        summaries = []
-        for field, wire_type, value in _decode_fields(event):
-            if field == 2 and wire_type == _VARINT:
-                step = value - (1 << 64) if value >= 1 << 63 else value
-            elif field == 5 and wire_type == _BYTES:
-                summaries.append(value)
-        for summary in summaries:
-            for field, wire_type, value in _decode_fields(summary):
-                if field != 1 or wire_type != _BYTES:
-                    continue
-                tag, simple = None, None
-                for f, w, v in _decode_fields(value):
-                    if f == 1 and w == _BYTES:
-                        tag = v.decode('utf-8')
-                    elif f == 2 and w == _FIXED32:
-                        (simple,) = struct.unpack('<f', v)
-                if tag is not None and simple is not None:
-                    out.append((tag, step, simple))
-    return out
 
 
 # ---------------------------------------------------------------------------
@@ -700,21 +426,36 @@ def _duration(seconds: float) -> str:
     return f'{minutes}:{secs:02d}'
 
 
+def _metric_text(metrics: Mapping[str, Any]) -> list[str]:
+    parts = []
+    for key, label in (
+        ('loss', 'loss'),
+        ('data_loss', 'data'),
+        ('penalty', 'penalty'),
+    ):
+        if key in metrics:
+            parts.append(f'{label} {float(metrics[key]):.4f}')
+    if 'accuracy' in metrics:
+        parts.append(f'acc {100 * float(metrics["accuracy"]):.1f}%')
+    if 'images_per_s' in metrics:
+        parts.append(f'{float(metrics["images_per_s"]):.0f} img/s')
+    return parts
+
+
 class Progress:
     """Progress of training one task, for a terminal or a log file.
 
-    On a terminal (`stream.isatty()`) one line is redrawn in place with `\\r`
-    (at most ~10 times a second, and always at the last step):
-    `task 2/10 [######----] step 60/100 loss 0.5123 penalty 0.0100 acc 81.2%
-    1530 img/s ETA 0:04`. Otherwise a plain line is printed every `every`
-    steps and at the last step, so logs stay readable.
+    On a terminal (`stream.isatty()`) a `tqdm` bar is redrawn in place,
+    the latest metrics beside it. Otherwise (a log file, CI) a plain line is
+    printed every `every` steps and at the last one:
+    `task 2/10 step 60/100 loss 0.5123 penalty 0.0100 acc 81.2% 1530 img/s
+    ETA 0:04`.
 
     Example:
-      progress = Progress(n_steps, task=t, num_tasks=T)
-      for k in range(n_steps):
-          ...
-          progress.update(k + 1, metrics)
-      progress.close()
+      with Progress(n_steps, task=t, num_tasks=T) as progress:
+          for k in range(n_steps):
+              ...
+              progress.update(k + 1, metrics)
     """
 
     def __init__(
@@ -724,9 +465,8 @@ class Progress:
         num_tasks: int,
         stream: TextIO | None = None,
         every: int = 10,
-        width: int = 20,
     ):
-        """Initializes the display; prints nothing yet.
+        """Initializes the display.
 
         Args:
           total_steps: Number of steps of the task (>= 1).
@@ -735,15 +475,14 @@ class Progress:
           stream: Where to write; defaults to `sys.stdout` (looked up at call
             time, so pytest's capture works).
           every: Print interval, in steps, when `stream` is not a terminal.
-          width: Number of characters of the bar.
 
         Raises:
           ValueError: If an argument is out of range.
         """
-        if total_steps < 1 or every < 1 or width < 1:
+        if total_steps < 1 or every < 1:
             raise ValueError(
-                'total_steps, every and width must be >= 1, got '
-                f'{total_steps}, {every}, {width}.'
+                'total_steps and every must be >= 1, got '
+                f'{total_steps}, {every}.'
             )
         if not 0 <= task < num_tasks:
             raise ValueError(
@@ -751,50 +490,23 @@ class Progress:
                 f'{task}.'
             )
         self.total_steps = int(total_steps)
-        self.task = int(task)
-        self.num_tasks = int(num_tasks)
+        self.label = f'task {task + 1}/{num_tasks}'
         self.stream = sys.stdout if stream is None else stream
         self.every = int(every)
-        self.width = int(width)
         isatty = getattr(self.stream, 'isatty', None)
-        self.tty = bool(isatty and isatty())
-        self._first = None  # (time, step) of the first update.
-        self._last_draw = -math.inf
-        self._line_len = 0
-        self._open = False
+        self._bar = None
+        if isatty and isatty():
+            from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
-    def _eta(self, step: int, now: float) -> str:
-        if self._first is None or step <= self._first[1]:
-            return '?'
-        t0, s0 = self._first
-        rate = (now - t0) / (step - s0)
-        return _duration(rate * (self.total_steps - step))
-
-    def _text(self, step: int, metrics: Mapping[str, Any], now: float) -> str:
-        parts = [f'task {self.task + 1}/{self.num_tasks}']
-        if self.tty:
-            filled = int(
-                self.width * min(step, self.total_steps) / self.total_steps
+            self._bar = tqdm(
+                total=self.total_steps,
+                desc=self.label,
+                file=self.stream,
+                unit='step',
+                leave=True,
+                dynamic_ncols=True,
             )
-            parts.append('[' + '#' * filled + '-' * (self.width - filled) + ']')
-        parts.append(f'step {step}/{self.total_steps}')
-        fields = (
-            ('loss', 'loss', '{:.4f}'),
-            ('data_loss', 'data', '{:.4f}'),
-            ('penalty', 'penalty', '{:.4f}'),
-        )
-        for key, label, fmt in fields:
-            if key in metrics:
-                parts.append(f'{label} {fmt.format(float(metrics[key]))}')
-        if 'accuracy' in metrics:
-            parts.append(f'acc {100 * float(metrics["accuracy"]):.1f}%')
-        if 'images_per_s' in metrics:
-            parts.append(f'{float(metrics["images_per_s"]):.0f} img/s')
-        if step >= self.total_steps and self._first is not None:
-            parts.append(f'took {_duration(now - self._first[0])}')
-        else:
-            parts.append(f'ETA {self._eta(step, now)}')
-        return ' '.join(parts)
+        self._first = None  # (time, step) of the first update.
 
     def update(self, step: int, metrics: Mapping[str, Any] | None = None):
         """Reports that `step` steps of the task are done.
@@ -809,31 +521,121 @@ class Progress:
         now = time.monotonic()
         if self._first is None:
             self._first = (now, step)
-        last = step >= self.total_steps
-        if self.tty:
-            if not last and now - self._last_draw < 0.1:
-                return
-            text = self._text(step, metrics, now)
-            pad = ' ' * max(0, self._line_len - len(text))
-            self.stream.write('\r' + text + pad)
-            self._line_len = len(text)
-            self._open = True
-        elif step % self.every == 0 or last:
-            self.stream.write(self._text(step, metrics, now) + '\n')
-        else:
+        if self._bar is not None:
+            self._bar.set_postfix_str(' '.join(_metric_text(metrics)), False)
+            self._bar.update(step - self._bar.n)
             return
-        self._last_draw = now
+        last = step >= self.total_steps
+        if not (step % self.every == 0 or last):
+            return
+        parts = [self.label, f'step {step}/{self.total_steps}']
+        parts += _metric_text(metrics)
+        t0, s0 = self._first
+        if last:
+            parts.append(f'took {_duration(now - t0)}')
+        elif step > s0:
+            rate = (now - t0) / (step - s0)
+            parts.append(f'ETA {_duration(rate * (self.total_steps - step))}')
+        else:
+            parts.append('ETA ?')
+        self.stream.write(' '.join(parts) + '\n')
         self.stream.flush()
 
     def close(self) -> None:
-        """Ends the redrawn line (terminal only); safe to call twice."""
-        if self._open:
-            self.stream.write('\n')
-            self.stream.flush()
-            self._open = False
+        """Closes the bar (terminal only); safe to call twice."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------
+# What a continual run reports after each task and at its end.
+# ---------------------------------------------------------------------------
+
+
+def accuracy_summary(
+    acc: Sequence[Sequence[float | None]], t: int, joint: bool
+) -> dict[str, Any]:
+    """Average accuracy, forgetting and BWT after task t (joint: one row of
+    final accuracies, so forgetting and BWT are undefined)."""
+    if joint:
+        row = [a for a in acc[0] if a is not None]
+        return {
+            'average_accuracy': float(np.mean(row)) if row else None,
+            'forgetting': None,
+            'backward_transfer': None,
+        }
+    seen = [row[: t + 1] for row in acc[: t + 1]]
+    return {
+        'average_accuracy': metrics_lib.average_accuracy(seen),
+        'forgetting': metrics_lib.forgetting(seen),
+        'backward_transfer': metrics_lib.backward_transfer(seen),
+    }
+
+
+def report_task(
+    log: RunLog,
+    summary: Mapping[str, Any],
+    acc: Sequence[Sequence[float | None]],
+    step: int,
+    *,
+    chief: bool,
+    joint: bool,
+) -> None:
+    """Logs, plots to TensorBoard and prints the summary of a finished task
+    (`summary['task']`, 0-based) at global `step`."""
+    t = summary['task']
+    log.record({'event': 'task_end', **summary})
+    curves = {
+        f'eval/{k}': summary[k]
+        for k in ('average_accuracy', 'forgetting', 'backward_transfer')
+        if summary[k] is not None
+    }
+    for j, a in enumerate(summary['accuracy']):
+        curves[f'eval/task_{j + 1}_accuracy'] = a
+    log.scalars(curves, step)
+    log.flush()
+    if not chief:
+        return
+    line = ' '.join(
+        f'T{j + 1} {a:5.1f}%' for j, a in enumerate(summary['accuracy'])
+    )
+    line += f' | average {summary["average_accuracy"]:5.2f}%'
+    if summary['forgetting'] is not None:
+        line += (
+            f' | forgetting {summary["forgetting"]:5.2f}'
+            f' | BWT {summary["backward_transfer"]:+.2f}'
+        )
+    line += (
+        f' | train {summary["train_s"]:.0f}s curvature '
+        f'{summary["curvature_s"]:.0f}s eval {summary["eval_s"]:.0f}s'
+    )
+    print(f'after task {t + 1}: {line}', flush=True)
+    if 0 < t < _MANY_TASKS and not joint:  # the matrix, if it fits
+        seen = [row[: t + 1] for row in acc[: t + 1]]
+        print(metrics_lib.format_accuracy_matrix(seen), flush=True)
+
+
+def write_outputs(results: Mapping[str, Any], workdir: Path) -> None:
+    """results.json, summary.txt and results.png, written atomically."""
+    tmp = workdir / 'results.json.tmp'
+    tmp.write_text(json.dumps(results, indent=2) + '\n', encoding='utf-8')
+    os.replace(tmp, workdir / 'results.json')
+    if results.get('joint'):
+        table = joint_summary(results)
+    else:
+        table = summary_table(results)
+        save_plots(results, workdir / 'results.png')
+    (workdir / 'summary.txt').write_text(table + '\n', encoding='utf-8')
+    print()
+    print(table)
+    print(
+        f'-> {workdir / "results.json"}, summary.txt, results.png, log.jsonl, '
+        'tensorboard/'
+    )

@@ -4,23 +4,23 @@ import jax
 import numpy as np
 from tiny_run import tiny_config
 
-from experiments import datasets, train
+from experiments import backbones, datasets, train
 
 
 def test_reestimated_statistics_are_the_batch_statistics(npz_dir):
     config = tiny_config(npz_dir)
     data = datasets.load(config.data)
-    apply_fn, variables = train.build_backbone(config)
+    apply_fn, variables = backbones.build_backbone(config)
     x = data.x_train[:16]
     # One batch: eval mode with the new statistics = train mode on it.
-    new = train.reestimate_batch_stats(
+    new = backbones.reestimate_batch_stats(
         apply_fn.train, variables, x, 1, 16, datasets.test_transform, 'none'
     )
     want, _ = apply_fn.train(variables, x)
     np.testing.assert_allclose(apply_fn(new, x), want, rtol=1e-4, atol=1e-5)
     assert not np.allclose(apply_fn(variables, x), want, atol=1e-3)
     # Two batches: the average of the two batches' statistics.
-    two = train.reestimate_batch_stats(
+    two = backbones.reestimate_batch_stats(
         apply_fn.train,
         variables,
         data.x_train[:32],
@@ -30,7 +30,7 @@ def test_reestimated_statistics_are_the_batch_statistics(npz_dir):
         'none',
     )
     b = [
-        train.reestimate_batch_stats(
+        backbones.reestimate_batch_stats(
             apply_fn.train,
             variables,
             data.x_train[i : i + 16],

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from tiny_run import tiny_config
 
-from experiments import datasets, methods, train
+from experiments import backbones, datasets, input_pipeline, methods, train
 from experiments.configs import data_il, task_il
 from tiny_run import set_fields, TINY
 
-# Where the paper's tables use each method (spec §7.1-7.3), beyond class-IL.
+# Where the paper's tables use each method (docs/method.md §9.1-9.3), beyond
+# class-IL.
 TASK_IL = ('lwf', 'ewc', 'osla', 'er', 'der', 'derpp', 'joint')
 DATA_IL = ('ewc', 'mas', 'lwf', 'osla', 'kfac_nonlin_mse', 'joint', 'ncm')
 
@@ -88,8 +89,8 @@ def test_ncm_scores_are_the_class_means_of_frozen_features(tmp_path, npz_dir):
     # Independently: features g(x; ψ0), class means, nearest mean among the
     # classes seen so far.
     data = datasets.load(config.data)
-    apply_fn, variables = train.build_backbone(config, data.mean, data.std)
-    tasks, _ = train.make_tasks(config, data)
+    apply_fn, variables = backbones.build_backbone(config, data.mean, data.std)
+    tasks, _ = input_pipeline.make_tasks(config, data)
 
     def feats(x):
         x = datasets.test_transform(data.augmentation, x)
@@ -113,11 +114,11 @@ def test_ncm_scores_are_the_class_means_of_frozen_features(tmp_path, npz_dir):
 
 
 def test_method_defaults_follow_the_published_ones(npz_dir):
-    er = train.method_config(_config(npz_dir, 'class_il', 'er'))
+    er = methods.method_config(_config(npz_dir, 'class_il', 'er'))
     assert (er.learning_rate, er.momentum, er.weight_decay) == (0.03, 0.0, 0.0)
     assert er.bn_train and not er.linearized and er.regularizer == 'none'
     assert methods.DER_ALPHA == {'der': 0.3, 'derpp': 0.1}
-    osla = train.method_config(_config(npz_dir, 'class_il', 'osla'))
+    osla = methods.method_config(_config(npz_dir, 'class_il', 'osla'))
     assert (osla.linearized, osla.loss, osla.regularizer) == (
         False,
         'ce',
@@ -125,7 +126,7 @@ def test_method_defaults_follow_the_published_ones(npz_dir):
     )
     assert (osla.optimizer, osla.learning_rate) == ('sgd', 1e-3)
     grid = {
-        name: train.method_config(_config(npz_dir, 'data_il', name))
+        name: methods.method_config(_config(npz_dir, 'data_il', name))
         for name in (
             'kfac_lin_mse',
             'kfac_lin_sce',
@@ -140,7 +141,7 @@ def test_method_defaults_follow_the_published_ones(npz_dir):
         (False, 'ce'),
     }
     assert all(c.regularizer == 'kfac' for c in grid.values())
-    lwf = train.method_config(_config(npz_dir, 'task_il', 'lwf'))
+    lwf = methods.method_config(_config(npz_dir, 'task_il', 'lwf'))
     assert lwf.distill == 'kl' and lwf.distill_group_size == 2
     assert not lwf.regularize_head
 

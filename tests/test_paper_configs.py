@@ -18,7 +18,7 @@ from PIL import Image
 from tiny_run import set_fields
 
 from dlcft_jax import models
-from experiments import pretrain, train
+from experiments import backbones, pretrain, train
 from experiments.configs import class_il, data_il, task_il
 
 SMALL = {
@@ -40,11 +40,11 @@ def _random_backbone(path, architecture, **kwargs):
         'resnet18': models.resnet18,
     }[architecture](**kwargs)
     variables = net.init(jax.random.key(0), np.zeros((1, 32, 32, 3)))
-    pretrain.save_backbone(
+    backbones.save_backbone(
         path,
         variables,
         {
-            'format_version': pretrain.BACKBONE_FORMAT_VERSION,
+            'format_version': backbones.BACKBONE_FORMAT_VERSION,
             'architecture': architecture,
             'model_kwargs': kwargs,
             'dataset': 'random (test)',

@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 
 from dlcft_jax import linearization
 from dlcft_jax.models import resnet
-from experiments import pretrain
+from experiments import backbones, pretrain
 from experiments.configs import pretrain_imagenet32, retune_imagenet_resnet18
 
 _NUM_EXAMPLES = 16  # 2 steps per epoch at batch 8
@@ -63,7 +63,7 @@ def test_full_run_writes_checkpoints_log_and_backbone(full_run):
     assert steps == [2, 4]
     train_steps = [r['step'] for r in _log(workdir) if 'loss' in r]
     assert train_steps == [1, 2, 3, 4]
-    info = pretrain.backbone_info(workdir / 'backbone.npz')
+    info = backbones.backbone_info(workdir / 'backbone.npz')
     assert info['architecture'] == 'cifar_resnet18'
     assert info['model_kwargs'] == {
         'activation': 'leaky_relu',
@@ -83,14 +83,14 @@ def test_resume_equals_uninterrupted_run(full_run, tmp_path):
     # The second invocation continued at step 3 rather than starting over.
     train_steps = [r['step'] for r in _log(tmp_path) if 'loss' in r]
     assert train_steps == [1, 2, 3, 4]
-    _, resumed = pretrain.load_backbone(tmp_path / 'backbone.npz')
-    _, straight = pretrain.load_backbone(full_dir / 'backbone.npz')
+    _, resumed = backbones.load_backbone(tmp_path / 'backbone.npz')
+    _, straight = backbones.load_backbone(full_dir / 'backbone.npz')
     jax.tree.map(np.testing.assert_array_equal, resumed, straight)
 
 
 def test_load_backbone_applies_and_linearizes(full_run):
     workdir, _ = full_run
-    kwargs, variables = pretrain.load_backbone(workdir / 'backbone.npz')
+    kwargs, variables = backbones.load_backbone(workdir / 'backbone.npz')
     assert 'fc' not in variables['params']
     model = resnet.cifar_resnet18(**kwargs)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
@@ -234,9 +234,9 @@ def test_retune_starts_from_init_checkpoint(tmp_path):
     with tfds.testing.mock_data(num_examples=_NUM_EXAMPLES):
         summary = pretrain.pretrain(config, workdir)
     assert summary['complete']
-    kwargs, backbone = pretrain.load_backbone(workdir / 'backbone.npz')
+    kwargs, backbone = backbones.load_backbone(workdir / 'backbone.npz')
     assert kwargs == {'activation': 'leaky_relu'}
-    assert pretrain.backbone_info(workdir / 'backbone.npz')['mean'] == list(
+    assert backbones.backbone_info(workdir / 'backbone.npz')['mean'] == list(
         retune_imagenet_resnet18.IMAGENET_MEAN
     )
     want, _ = resnet.split_head(jax.device_get(variables))

@@ -1,8 +1,8 @@
 """Tests for experiments.reporting (event files, plots, tables, progress)."""
 
 import io
+import json
 import re
-import struct
 
 import numpy as np
 import pytest
@@ -36,72 +36,20 @@ def _results(num_tasks: int, seed: int = 0) -> dict:
     }
 
 
-# ------------------------------------------------------------ event files
+# ------------------------------------------------------------ run log
 
 
-def test_crc32c_check_value():
-    assert reporting._crc32c_table(b'123456789') == 0xE3069283
-    assert reporting._crc32c(b'123456789') == 0xE3069283
-
-
-def test_event_writer_round_trip(tmp_path):
-    logdir = tmp_path / 'run' / 'a'
-    with reporting.EventWriter(logdir, filename_suffix='.x') as writer:
-        writer.scalar('train/loss', 0.1, step=1)
-        writer.scalar('train/loss', 1e40, step=2**40)  # float32 overflow.
-        writer.scalars({'eval/acc': 81.25, 'eval/neg': -3.3}, step=-7)
-        writer.scalar('ünï', 2, step=0, wall_time=5.0)
-    files = list(logdir.iterdir())
-    assert len(files) == 1 and files[0] == writer.path
-    assert re.fullmatch(
-        r'events\.out\.tfevents\.\d+\..+\.\d+\.x', files[0].name
-    )
-    got = reporting.read_scalars(writer.path)
-    f32 = lambda v: struct.unpack('<f', struct.pack('<f', v))[0]
-    assert got == [
-        ('train/loss', 1, f32(0.1)),
-        ('train/loss', 2**40, float('inf')),
-        ('eval/acc', -7, 81.25),
-        ('eval/neg', -7, f32(-3.3)),
-        ('ünï', 0, 2.0),
-    ]
-    assert got[0][2] != 0.1  # Really rounded to float32.
-    with pytest.raises(ValueError, match='closed'):
-        writer.scalar('late', 1.0, step=1)
-
-
-def test_read_scalars_detects_corruption(tmp_path):
-    with reporting.EventWriter(tmp_path) as writer:
-        writer.scalar('loss', 0.5, step=3)
-    data = bytearray(writer.path.read_bytes())
-    # Flip one byte of the tag in the last record's payload.
-    pos = data.rindex(b'loss')
-    bad = tmp_path / 'bad'
-    data[pos] ^= 0x01
-    bad.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match='data CRC mismatch'):
-        reporting.read_scalars(bad)
-    # A corrupted length field is caught by the length CRC.
-    data[pos] ^= 0x01
-    data[0] ^= 0x01
-    bad.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match='length CRC mismatch'):
-        reporting.read_scalars(bad)
-    bad.write_bytes(writer.path.read_bytes()[:-3])
-    with pytest.raises(ValueError, match='truncated'):
-        reporting.read_scalars(bad)
-
-
-def test_tensorboard_reads_event_file(tmp_path):
-    pytest.importorskip('tensorboard')
+def test_run_log_writes_jsonl_and_tensorboard_reads_the_events(tmp_path):
     from tensorboard.backend.event_processing import event_accumulator
 
-    with reporting.EventWriter(tmp_path) as writer:
+    with reporting.RunLog(tmp_path) as log:
         for step in range(5):
-            writer.scalars({'a/loss': 1.0 / (step + 1), 'b': step}, step)
-    acc = event_accumulator.EventAccumulator(str(tmp_path))
+            log.record({'step': step, 'loss': 1.0 / (step + 1)})
+            log.scalars({'a/loss': 1.0 / (step + 1), 'b': step}, step)
+    lines = (tmp_path / 'log.jsonl').read_text().splitlines()
+    assert [json.loads(x)['step'] for x in lines] == list(range(5))
+    acc = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'))
     acc.Reload()
-    assert acc.file_version == 2.0
     assert sorted(acc.Tags()['scalars']) == ['a/loss', 'b']
     loss = acc.Scalars('a/loss')
     assert [e.step for e in loss] == list(range(5))
@@ -109,6 +57,13 @@ def test_tensorboard_reads_event_file(tmp_path):
         [e.value for e in loss], [1.0 / (s + 1) for s in range(5)], rtol=1e-6
     )
     assert [e.value for e in acc.Scalars('b')] == [0, 1, 2, 3, 4]
+
+
+def test_run_log_off_the_chief_writes_nothing(tmp_path):
+    with reporting.RunLog(tmp_path, chief=False) as log:
+        log.record({'step': 1})
+        log.scalars({'a': 1.0}, 1)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------ plots
@@ -218,17 +173,17 @@ def test_progress_plain_stream():
     assert 'took' in lines[-1]
 
 
-def test_progress_tty_redraws_one_line():
+def test_progress_tty_draws_a_tqdm_bar():
     out = _Tty()
-    with reporting.Progress(4, task=0, num_tasks=3, stream=out, width=10) as p:
+    with reporting.Progress(4, task=0, num_tasks=3, stream=out) as p:
         for step in range(1, 5):
             p.update(step, _METRICS)
     text = out.getvalue()
-    assert text.startswith('\rtask 1/3 [##--------] step 1/4 loss')
-    assert text.count('\n') == 1 and text.endswith('\n')
+    assert text.startswith('\rtask 1/3:')
     last = text.rstrip('\n').split('\r')[-1]
-    assert '[##########] step 4/4' in last
+    assert '4/4' in last and '100%' in last
     assert 'loss 0.5123' in last and 'img/s' in last
+    assert text.endswith('\n')  # the bar is left on its own line
 
 
 def test_progress_rejects_one_based_task():

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 from tiny_run import cli_command, read_results, tiny_config, without_timings
 
-from experiments import train
+from experiments import checkpointing, train
 
 
 class Interrupted(Exception):
@@ -26,16 +26,16 @@ class Interrupted(Exception):
 def _interrupt_after(monkeypatch, saves):
     """Makes the runner stop right after its `saves`-th checkpoint save;
     returns the list of global steps saved."""
-    save = train._Checkpoints.save  # pylint: disable=protected-access
+    save = checkpointing.save
     calls = []
 
-    def save_then_stop(self, run, g, meta):
-        save(self, run, g, meta)
+    def save_then_stop(mngr, g, **kwargs):
+        save(mngr, g, **kwargs)
         calls.append(g)
         if len(calls) == saves:
             raise Interrupted(g)
 
-    monkeypatch.setattr(train._Checkpoints, 'save', save_then_stop)  # pylint: disable=protected-access
+    monkeypatch.setattr(checkpointing, 'save', save_then_stop)
     return calls
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tiny_run import tiny_config
 
-from experiments import train
+from experiments import input_pipeline, train
 from experiments.configs import data_il, task_il
 
 
@@ -67,6 +67,16 @@ def test_class_il_run_writes_complete_results(
     if method == 'dlcft':
         # The second task's steps carry the K-FAC and head penalty.
         assert any(e.get('task') == 1 and e.get('penalty', 0) > 0 for e in log)
+    # TensorBoard's own reader loads the runner's events.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(workdir / 'tensorboard'))
+    events.Reload()
+    tags = events.Tags()['scalars']
+    assert 'train/loss' in tags and 'eval/average_accuracy' in tags
+    last = events.Scalars('eval/average_accuracy')[-1]
+    assert last.step == 9  # 6 + 3 steps
+    np.testing.assert_allclose(last.value, on_disk['average_accuracy'], 1e-6)
 
 
 def test_bad_config_ends_with_one_clear_message(tmp_path, npz_dir):
@@ -117,7 +127,7 @@ def test_task_il_scores_each_task_with_its_own_head(tmp_path, npz_dir):
     r = results['accuracy_matrix']
     # Two classes per head: every entry is a 2-way accuracy.
     assert all(0.0 <= r[i][j] <= 100.0 for i in range(2) for j in range(i + 1))
-    m_train, m_test = train.class_masks(config, 1, 4)
+    m_train, m_test = input_pipeline.class_masks(config, 1, 4)
     np.testing.assert_array_equal(m_train, [0, 0, 1, 1])
     np.testing.assert_array_equal(m_test[0], [1, 1, 0, 0])
 
@@ -128,7 +138,7 @@ def test_data_il_splits_the_data_and_tests_on_everything(tmp_path, npz_dir):
     config.replay.buffer_size = 0
     from experiments import datasets  # pylint: disable=g-import-not-at-top
 
-    tasks, num_classes = train.make_tasks(config, datasets.load(config.data))
+    tasks, num_classes = input_pipeline.make_tasks(config, datasets.load(config.data))
     assert num_classes == 4 and len(tasks) == 2
     assert len(tasks[0].train_idx) == len(tasks[1].train_idx) == 40
     assert not set(tasks[0].train_idx) & set(tasks[1].train_idx)

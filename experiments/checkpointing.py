@@ -1,0 +1,248 @@
+"""Where a checkpoint is written and read: orbax, in WORKDIR/checkpoints.
+
+A checkpoint of the continual runner holds what cannot be recomputed: the
+train state (without ψ0, which is rebuilt from the backbone), the replay
+buffer as fixed-shape arrays, and `meta`, a JSON item with the position
+(task, steps done), the results so far and the config's fingerprint. Every
+random draw of a run is a pure function of (seed, task, step), so nothing
+else is needed for a resumed run to end with the results of an
+uninterrupted one.
+
+Cadence: orbax's own save-decision policy, `FixedIntervalPolicy` on the
+global step (`checkpoint.every_steps`, 0 for none), plus its preemption
+policy on multi-host TPU jobs; the runner forces a save at the end of every
+task. Saves are asynchronous; `close` waits for the last one.
+
+Resume order: (1) the latest checkpoint's `meta` alone is read and its
+fingerprint compared with the config (a run of another configuration is
+refused before any array is read); (2) state, buffer and meta are restored
+into templates of the right shapes; (3) the runner continues at
+(task, steps done).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from dlcft_jax.data import ReplayBuffer
+from experiments.cli import ConfigError
+
+# Config fields that may change between a run and its resumption.
+RESUMABLE_FIELDS = (
+    'checkpoint',
+    'compilation_cache_dir',
+    'distributed',
+    'train.log_every',
+    'train.stop_after_tasks',
+    'data.npz_dir',
+    'data.tfds_data_dir',
+    'data.mit67_dir',
+    'data.cache_dir',
+    'data.download',
+    'backbone.checkpoint',
+    'eval.batch_size',
+)
+
+# The TrainState fields a checkpoint holds (ψ0 is rebuilt from the backbone).
+_STATE_FIELDS = (
+    'step',
+    'task',
+    'num_steps',
+    'params',
+    'centre',
+    'opt_state',
+    'class_mask',
+)
+
+
+def manager(
+    workdir: Path,
+    *,
+    every_steps: int,
+    max_to_keep: int,
+    asynchronous: bool = True,
+) -> ocp.CheckpointManager:
+    """An orbax manager of WORKDIR/checkpoints that saves every `every_steps`
+    global steps (0: only when forced) and on preemption."""
+    policies = [checkpoint_managers.PreemptionCheckpointingPolicy()]
+    if every_steps:
+        policies.append(checkpoint_managers.FixedIntervalPolicy(every_steps))
+    return ocp.CheckpointManager(
+        (workdir / 'checkpoints').absolute(),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=asynchronous,
+            save_decision_policy=checkpoint_managers.AnySavePolicy(policies),
+            # Decide by the step alone, not by whether a save is running, so
+            # that the saved steps do not depend on the disk's speed.
+            enable_should_save_is_saving_in_progress_check=False,
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------
+# Config fingerprint.
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config fields that decide the results (flat, dotted names)."""
+    flat = {}
+
+    def walk(prefix, node):
+        for key, value in node.items():
+            name = f'{prefix}{key}'
+            if isinstance(value, dict):
+                walk(name + '.', value)
+            elif not any(
+                name == f or name.startswith(f + '.') for f in RESUMABLE_FIELDS
+            ):
+                flat[name] = value
+
+    walk('', json.loads(config.to_json_best_effort()))
+    return flat
+
+
+def check_resumable(
+    config: ml_collections.ConfigDict, meta: dict[str, Any], workdir: Path
+) -> None:
+    """Raises ConfigError if `meta` was saved by a run of another config."""
+    saved = meta.get('fingerprint', {})
+    now = fingerprint(config)
+    diff = sorted(
+        k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
+    )
+    if diff:
+        shown = ', '.join(
+            f'{k} (saved {saved.get(k)!r}, now {now.get(k)!r})'
+            for k in diff[:5]
+        )
+        raise ConfigError(
+            f'{workdir} holds a checkpoint of a run with another '
+            f'configuration: {shown}. Re-run with the original values to '
+            'resume it, or choose a new --workdir.'
+        )
+
+
+# ----------------------------------------------------------------------------
+# What a checkpoint holds.
+
+
+class BufferSpec(NamedTuple):
+    """The fixed shapes of a replay buffer in a checkpoint."""
+
+    capacity: int
+    image_shape: tuple[int, ...]
+    num_classes: int
+    store_logits: bool
+
+
+def state_tree(state) -> dict[str, Any]:
+    """The parts of a (host) TrainState that a checkpoint holds."""
+    tree = {name: getattr(state, name) for name in _STATE_FIELDS}
+    if state.config.bn_train:  # its BatchNorm statistics were trained
+        tree['params0'] = state.params0
+    return tree
+
+
+def buffer_tree(buffer: ReplayBuffer | None, spec: BufferSpec) -> dict:
+    """The buffer as `spec.capacity` rows of fixed-shape arrays."""
+    cap = spec.capacity
+    tree = {
+        'num_seen': np.asarray(0 if buffer is None else buffer.num_seen),
+        'images': np.zeros((cap, *spec.image_shape), np.uint8),
+        'labels': np.zeros((cap,), np.int32),
+        'task_ids': np.zeros((cap,), np.int32),
+        'logits': np.zeros((cap, spec.num_classes), np.float32),
+    }
+    tree['num_seen'] = tree['num_seen'].astype(np.int64)
+    if buffer is not None:
+        sd, size = buffer.state_dict(), len(buffer)
+        for key in ('images', 'labels', 'task_ids', 'logits'):
+            if key in sd:
+                tree[key][:size] = sd[key]
+    return tree
+
+
+def buffer_from_tree(tree: dict, spec: BufferSpec) -> ReplayBuffer:
+    num_seen = int(tree['num_seen'])
+    size = min(spec.capacity, num_seen)
+    sd = {'capacity': spec.capacity, 'num_seen': num_seen}
+    if size:
+        for key in ('images', 'labels', 'task_ids'):
+            sd[key] = np.asarray(tree[key])[:size]
+        if spec.store_logits:
+            sd['logits'] = np.asarray(tree['logits'])[:size]
+    return ReplayBuffer.from_state_dict(sd)
+
+
+# ----------------------------------------------------------------------------
+# Save and restore.
+
+
+def save(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    *,
+    state,
+    buffer: ReplayBuffer | None,
+    buffer_spec: BufferSpec | None,
+    meta: dict[str, Any],
+    force: bool = False,
+) -> bool:
+    """Saves (state, buffer, meta) at global `step` if the policy says so
+    (always with `force`). `state` is a host TrainState. Returns whether a
+    save started."""
+    items = {
+        'state': ocp.args.StandardSave(state_tree(state)),
+        'meta': ocp.args.JsonSave(meta),
+    }
+    if buffer_spec is not None:
+        items['buffer'] = ocp.args.StandardSave(
+            buffer_tree(buffer, buffer_spec)
+        )
+    return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The position and fingerprint of checkpoint `step` (cheap)."""
+    return mngr.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+    )['meta']
+
+
+def restore(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    *,
+    state,
+    buffer_spec: BufferSpec | None,
+) -> tuple[Any, ReplayBuffer | None, dict[str, Any]]:
+    """(state, buffer, meta) of checkpoint `step`; `state` is a host
+    TrainState of the run, used as the template (values restore as NumPy)."""
+    items = {
+        'state': ocp.args.StandardRestore(jax.device_get(state_tree(state))),
+        'meta': ocp.args.JsonRestore(),
+    }
+    if buffer_spec is not None:
+        items['buffer'] = ocp.args.StandardRestore(
+            buffer_tree(None, buffer_spec)
+        )
+    out = mngr.restore(step, args=ocp.args.Composite(**items))
+    buffer = None
+    if buffer_spec is not None:
+        buffer = buffer_from_tree(out['buffer'], buffer_spec)
+    return state.replace(**out['state']), buffer, out['meta']
+
+
+def close(mngr: ocp.CheckpointManager) -> None:
+    """Waits for the last asynchronous save, then closes the manager."""
+    mngr.wait_until_finished()
+    mngr.close()

@@ -1,0 +1,145 @@
+"""Checks of a continual run's configuration, before any work is done.
+
+Each check ends the run with one `ConfigError` naming the field and what to
+change (`experiments/cli.py` prints it and exits with status 2).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import jax
+import ml_collections
+
+from dlcft_jax import prototypes
+from experiments import methods
+from experiments.cli import ConfigError, need
+
+_METHODS = tuple(methods.METHODS)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    need(
+        config.setting in methods.SETTINGS,
+        f'config.setting={config.setting!r} is unknown; use one of {methods.SETTINGS}.',
+    )
+    close = difflib.get_close_matches(str(config.method), _METHODS, n=1)
+    need(
+        config.method in _METHODS,
+        f'config.method={config.method!r} is unknown'
+        + (f' (did you mean {close[0]!r}?)' if close else '')
+        + f'; use one of {_METHODS}.',
+    )
+    need(
+        config.data.num_tasks >= 1 and config.data.classes_per_task >= 1,
+        'config.data.num_tasks and config.data.classes_per_task must be >= 1.',
+    )
+    need(
+        config.train.batch_size >= 1 and config.train.steps_per_task >= 1,
+        'config.train.batch_size and config.train.steps_per_task must be >= 1.',
+    )
+    need(
+        config.train.trainable in (None, 'none', 'all'),
+        f'config.train.trainable={config.train.trainable!r} is unknown; use '
+        "None (the method's), 'none' (the head only) or 'all'.",
+    )
+    need(
+        config.backbone.bn_reestimate >= 0,
+        'config.backbone.bn_reestimate must be >= 0 (batches; 0 is off).',
+    )
+    need(
+        0.0 <= config.data.validation < 1.0,
+        f'config.data.validation={config.data.validation} must be 0 (test on '
+        'the test set) or a share in (0, 1) of the training set to hold out.',
+    )
+    need(
+        config.train.first_task_multiplier >= 1,
+        'config.train.first_task_multiplier must be >= 1.',
+    )
+    need(
+        config.train.log_every >= 1 and config.eval.batch_size >= 1,
+        'config.train.log_every and config.eval.batch_size must be >= 1.',
+    )
+    need(
+        (config.replay.buffer_size is None or config.replay.buffer_size >= 0)
+        and config.replay.batch_size >= 0,
+        'config.replay.buffer_size and config.replay.batch_size must be >= 0.',
+    )
+    need(
+        config.curvature.kind in ('kfac', 'tkfac'),
+        "config.curvature.kind must be 'kfac' or 'tkfac'.",
+    )
+    need(
+        config.curvature.num_batches >= 1 and config.curvature.batch_size >= 1,
+        'config.curvature.num_batches and batch_size must be >= 1.',
+    )
+    need(
+        config.backbone.image_size >= 8,
+        'config.backbone.image_size must be at least 8 pixels.',
+    )
+    need(
+        config.train.stop_after_tasks is None
+        or config.train.stop_after_tasks >= 1,
+        'config.train.stop_after_tasks must be None or >= 1.',
+    )
+    need(
+        config.checkpoint.every_steps >= 0
+        and config.checkpoint.max_to_keep >= 1,
+        'config.checkpoint.every_steps must be >= 0 and max_to_keep >= 1.',
+    )
+    method = methods.get(config.method)
+    need(
+        not method.needs_buffer or methods.replay_batch(config) > 0,
+        f'config.method={config.method!r} replays from a buffer; set '
+        'config.replay.buffer_size and config.replay.batch_size > 0 (e.g. '
+        '200 and 32, Mammoth\'s defaults).',
+    )
+    need(
+        config.replay.insert in (None, 'stream', 'task_end'),
+        "config.replay.insert must be None (the method's), 'stream' or "
+        "'task_end'.",
+    )
+    need(
+        config.baselines.ncm_metric in prototypes.NCM_METRICS,
+        f'config.baselines.ncm_metric must be one of {prototypes.NCM_METRICS}.',
+    )
+    need(
+        config.baselines.ranpac_dim >= 1
+        and 0 < config.baselines.ranpac_holdout < 1,
+        'config.baselines.ranpac_dim must be >= 1 and ranpac_holdout in '
+        '(0, 1).',
+    )
+    groups = config.data.class_groups
+    if groups is not None:
+        sizes = {len(g) for g in groups}
+        need(
+            len(groups) == config.data.num_tasks and len(sizes) == 1,
+            f'config.data.class_groups has {len(groups)} groups of sizes '
+            f'{sorted(sizes)}; give config.data.num_tasks='
+            f'{config.data.num_tasks} groups of equal size.',
+        )
+        flat = [c for g in groups for c in g]
+        need(
+            len(set(flat)) == len(flat),
+            'config.data.class_groups repeats a class; each class may appear '
+            'once.',
+        )
+
+
+def check_devices(config: ml_collections.ConfigDict) -> None:
+    """The global batches must split evenly over all devices."""
+    n = jax.device_count()
+    per_step = config.train.batch_size + methods.replay_batch(
+        config
+    ) * methods.replay_draws(config)
+    if per_step % n:
+        raise ConfigError(
+            f'The global batch train.batch_size + replayed rows '
+            f'(replay.batch_size, twice for derpp) = {per_step} does not divide by the {n} devices; choose sizes '
+            f'whose sum is a multiple of {n}.'
+        )
+    if config.curvature.batch_size % n:
+        raise ConfigError(
+            f'config.curvature.batch_size={config.curvature.batch_size} does '
+            f'not divide by the {n} devices; use a multiple of {n}.'
+        )
