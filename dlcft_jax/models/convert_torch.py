@@ -4,9 +4,10 @@ No torch import is needed:
 
 * ``read_torch_state_dict`` parses the ZIP format that ``torch.save`` has
   written by default since torch 1.6 (``<archive>/data.pkl`` plus one raw
-  record ``<archive>/data/<key>`` per storage) with a restricted unpickler
-  that can only build dicts of tensors; the legacy (non-zip) format and
-  ``.safetensors`` files are delegated to `dlcft_jax.models.weights`.
+  record ``<archive>/data/<key>`` per storage) with the restricted
+  unpickler of `dlcft_jax.models.torch_pickle`, which can only build dicts
+  of tensors; the legacy (non-zip) format and ``.safetensors`` files are
+  delegated to `dlcft_jax.models.weights`.
 * ``convert_resnet_state_dict`` maps torchvision/timm ResNet keys
   (``conv1.weight``, ``layer2.0.downsample.1.running_var``, ``fc.weight``,
   ...) to the names of `dlcft_jax.models.resnet`.
@@ -18,24 +19,20 @@ from __future__ import annotations
 
 import collections
 import os
-import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
+from dlcft_jax.models.torch_pickle import StorageRef, TensorRef, Unpickler
 from dlcft_jax.models.weights import (
-    _STORAGE_DTYPES,
-    _StorageRef,
-    _TensorRef,
     _conv_kernel,
     _flatten,
     _sha256_prefix,
     _unflatten,
+    _write_npz_atomic,
     default_cache_dir,
     read_legacy_torch_state_dict,
     read_safetensors,
@@ -48,27 +45,6 @@ Head = dict[str, np.ndarray]
 # Bump when the converted layout changes, so stale caches are not reused.
 _CACHE_VERSION = 1
 
-# Typed storages of the zip format: the legacy ones plus the dtypes numpy
-# (or ml_dtypes, a jax dependency) can represent.
-_ZIP_STORAGE_DTYPES: dict[str, np.dtype] = {
-    **_STORAGE_DTYPES,
-    'BFloat16Storage': np.dtype(ml_dtypes.bfloat16),
-    'ComplexFloatStorage': np.dtype('<c8'),
-    'ComplexDoubleStorage': np.dtype('<c16'),
-}
-
-# dtypes that torch >= 2.1 pickles as an UntypedStorage plus a dtype object
-# passed to ``_rebuild_tensor_v3`` (``torch.storage._new_dtypes``).
-_V3_DTYPES: dict[str, np.dtype] = {
-    'uint16': np.dtype('<u2'),
-    'uint32': np.dtype('<u4'),
-    'uint64': np.dtype('<u8'),
-    'float8_e4m3fn': np.dtype(ml_dtypes.float8_e4m3fn),
-    'float8_e5m2': np.dtype(ml_dtypes.float8_e5m2),
-    'float8_e4m3fnuz': np.dtype(ml_dtypes.float8_e4m3fnuz),
-    'float8_e5m2fnuz': np.dtype(ml_dtypes.float8_e5m2fnuz),
-}
-
 # Torch checkpoint dicts that wrap the state dict, tried in this order.
 _WRAPPER_KEYS = ('state_dict', 'model')
 
@@ -80,116 +56,6 @@ _KNOWN_RESNETS = {
     ('Bottleneck', (3, 4, 23, 3)): 'ResNet-101',
     ('Bottleneck', (3, 8, 36, 3)): 'ResNet-152',
 }
-
-
-class _ZipStorageType:
-    """Stands in for a torch storage class: only carries the dtype."""
-
-    def __init__(self, name: str, dtype: np.dtype):
-        self.name = name
-        self.dtype = dtype
-
-
-class _DType:
-    """Stands in for a ``torch.<dtype>`` object (only `_rebuild_tensor_v3`)."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.dtype = _V3_DTYPES[name]
-
-
-def _rebuild_tensor_v2(
-    storage,
-    storage_offset,
-    size,
-    stride,
-    requires_grad=False,
-    backward_hooks=None,
-    metadata=None,
-) -> _TensorRef:
-    """Safe stand-in for ``torch._utils._rebuild_tensor_v2``."""
-    del requires_grad, backward_hooks, metadata  # Irrelevant for weights.
-    return _TensorRef(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor_v3(
-    storage,
-    storage_offset,
-    size,
-    stride,
-    requires_grad,
-    backward_hooks,
-    dtype,
-    metadata=None,
-) -> _TensorRef:
-    """Safe stand-in for ``torch._utils._rebuild_tensor_v3``.
-
-    The storage is untyped (bytes); the tensor's dtype comes separately and
-    offsets/strides count elements of that dtype, so the storage is re-viewed
-    as that dtype.
-    """
-    del requires_grad, backward_hooks, metadata
-    if not isinstance(storage, _StorageRef) or not isinstance(dtype, _DType):
-        raise pickle.UnpicklingError('malformed _rebuild_tensor_v3 call')
-    itemsize = dtype.dtype.itemsize
-    if storage.numel % itemsize:
-        raise pickle.UnpicklingError('storage size is not a multiple of dtype')
-    typed = _StorageRef(dtype.dtype, storage.key, storage.numel // itemsize)
-    return _TensorRef(typed, storage_offset, size, stride)
-
-
-def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
-    """Safe stand-in for ``torch._utils._rebuild_parameter[_with_state]``."""
-    del requires_grad, backward_hooks, state  # A parameter is its tensor.
-    if not isinstance(data, _TensorRef):
-        raise pickle.UnpicklingError('parameter without a tensor')
-    return data
-
-
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
-    ('torch._utils', '_rebuild_tensor_v3'): _rebuild_tensor_v3,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
-}
-
-
-class _ZipUnpickler(pickle.Unpickler):
-    """Unpickler for ``data.pkl`` of a zip torch file.
-
-    Only ordered dicts, tensors, parameters, storage classes and a few dtype
-    objects can be built; every other global is refused, so a crafted file
-    cannot run code.
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return _ALLOWED_GLOBALS[(module, name)]
-        if module == 'torch' and name in _ZIP_STORAGE_DTYPES:
-            return _ZipStorageType(name, _ZIP_STORAGE_DTYPES[name])
-        if (module, name) in (
-            ('torch', 'UntypedStorage'),
-            ('torch.storage', 'UntypedStorage'),
-        ):
-            return _ZipStorageType('UntypedStorage', np.dtype('u1'))
-        if module == 'torch' and name in _V3_DTYPES:
-            return _DType(name)
-        raise pickle.UnpicklingError(
-            f'refusing to unpickle {module}.{name}: only dicts of tensors '
-            '(a torch state dict or checkpoint) are allowed'
-        )
-
-    def persistent_load(self, pid: Any) -> _StorageRef:
-        # torch >= 1.6 zip format: ('storage', type, key, location, numel).
-        if not (
-            isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'
-        ):
-            raise pickle.UnpicklingError(f'unsupported persistent id {pid!r}')
-        _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, _ZipStorageType):
-            raise pickle.UnpicklingError('storage without a known type')
-        return _StorageRef(storage_type.dtype, str(key), int(numel))
 
 
 def _unwrap(obj: Any, path: str) -> dict[str, Any]:
@@ -208,7 +74,7 @@ def _unwrap(obj: Any, path: str) -> dict[str, Any]:
     for _ in range(len(_WRAPPER_KEYS) + 1):
         if not isinstance(obj, dict):
             break
-        if obj and all(isinstance(v, _TensorRef) for v in obj.values()):
+        if obj and all(isinstance(v, TensorRef) for v in obj.values()):
             return obj
         inner = [k for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)]
         if not inner:
@@ -249,11 +115,11 @@ def _read_zip_state_dict(path: str | os.PathLike) -> StateDict:
         if byteorder not in ('little', 'big'):
             raise ValueError(f'{path}: unknown byte order {byteorder!r}')
         with zf.open(pickles[0]) as f:
-            obj = _ZipUnpickler(f).load()
+            obj = Unpickler(f).load()
         refs = _unwrap(obj, str(path))
         # One dtype per storage: torch refuses to save differently typed
         # views of the same storage, so a conflict means a corrupt file.
-        storages: dict[str, _StorageRef] = {}
+        storages: dict[str, StorageRef] = {}
         for name, ref in refs.items():
             known = storages.setdefault(ref.storage.key, ref.storage)
             if known.dtype != ref.storage.dtype:
@@ -485,22 +351,6 @@ def convert_resnet_state_dict(
             f'{len(left)} state-dict keys left over (first 10: {left[:10]})'
         )
     return {'params': params, 'batch_stats': stats}, head
-
-
-def _write_npz_atomic(cache_file: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Writes an .npz via a temporary file so readers never see half of it."""
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=cache_file.name, suffix='.tmp', dir=cache_file.parent
-    )
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, cache_file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def resnet_cache_file(

