@@ -44,6 +44,7 @@ import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import flax.struct
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -546,6 +547,30 @@ def distill_loss(
     return losses._mean(per, weights)  # pylint: disable=protected-access
 
 
+def _check_batch(batch: Batch, num_classes: int) -> None:
+    """Shape and dtype checks of a step's batch, at trace time (free at run
+    time): a wrong batch fails here with the offending key's shapes instead
+    of deep inside the loss."""
+    labels = batch['label']
+    chex.assert_rank(labels, 1, custom_message="batch['label']")
+    chex.assert_type(labels, int, custom_message="batch['label']")
+    chex.assert_equal_shape_prefix(
+        [batch['image'], labels], 1, custom_message="batch['image'], ['label']"
+    )
+    for key in ('weight', 'label_scale', 'logit_scale'):
+        if key in batch:
+            chex.assert_shape(
+                batch[key], labels.shape, custom_message=f'batch[{key!r}]'
+            )
+    for key in ('class_mask', 'logit_target', 'distill_mask'):
+        if key in batch:
+            chex.assert_shape(
+                batch[key],
+                (labels.shape[0], num_classes),
+                custom_message=f'batch[{key!r}]',
+            )
+
+
 def step(
     state: TrainState, batch: Batch, *, axis_name: Optional[str] = None
 ) -> tuple[TrainState, Metrics]:
@@ -572,6 +597,7 @@ def step(
       or LwF's distillation term), 'accuracy', 'grad_norm' (of the gradient
       given to the optimizer), 'learning_rate'.
     """
+    _check_batch(batch, state.class_mask.shape[0])
     cfg = state.config
     x, labels = batch['image'], batch['label']
     class_mask = batch.get('class_mask', state.class_mask)

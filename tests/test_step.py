@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,8 +60,7 @@ def _second_task(state, batch):
 
 
 def test_step_compiles_once_per_input_shape():
-    traces = []
-    fn = jax.jit(lambda s, b: (traces.append(1), ts.step(s, b))[1])
+    fn = jax.jit(chex.assert_max_traces(ts.step, n=1))
     batch = _batch()
     state = _state()
     for _ in range(3):
@@ -71,11 +71,12 @@ def test_step_compiles_once_per_input_shape():
         num_steps=7,
         class_mask=jnp.array([1.0, 1.0, 0.0]),
     )
+    # A new task, schedule, mask and curvature: no retrace.
     for _ in range(3):
         state, _ = fn(state, batch)
-    assert len(traces) == 1  # new task, schedule, mask, curvature: no retrace
-    state, _ = fn(state, _batch(b=4))
-    assert len(traces) == 2  # a new batch shape compiles once more
+    # A new batch shape is the only thing that traces again.
+    with pytest.raises(AssertionError, match='traced > 1 times'):
+        fn(state, _batch(b=4))
     # The exported jitted step behaves the same way.
     before = dj.step._cache_size()
     for _ in range(2):
@@ -184,6 +185,16 @@ def test_learning_rate_decays_linearly_to_zero_within_a_task():
     np.testing.assert_allclose(
         lrs, [1e-4 * (1 - k / 5) for k in range(5)], rtol=1e-6
     )
+
+
+def test_a_batch_of_the_wrong_shape_fails_at_trace_time():
+    state, batch = _state(), _batch()
+    with pytest.raises(AssertionError, match='label'):
+        dj.step(state, {**batch, 'label': batch['label'][:4]})
+    with pytest.raises(AssertionError, match='label'):
+        dj.step(state, {**batch, 'label': batch['label'].astype(jnp.float32)})
+    with pytest.raises(AssertionError, match='class_mask'):  # another width
+        dj.step(state, {**batch, 'class_mask': jnp.ones((8, 4))})
 
 
 def test_bad_method_config_is_explained():
