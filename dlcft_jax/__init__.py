@@ -17,16 +17,17 @@ The public API:
 
 import jax as _jax
 
-from dlcft_jax import curvature
-from dlcft_jax import curvature_kinds
-from dlcft_jax import linearization
-from dlcft_jax import losses
-from dlcft_jax import parallel
-from dlcft_jax import penalty
-from dlcft_jax import prototypes
-from dlcft_jax import regularizer
-from dlcft_jax import train_state
-from dlcft_jax.linearization import linearize, split, merge, tangent_apply
+from dlcft_jax import (
+    curvature,
+    curvature_kinds,
+    linearization,
+    losses,
+    parallel,
+    penalty,
+    prototypes,
+    regularizer,
+    train_state,
+)
 from dlcft_jax.curvature_kinds import (
     EWC,
     KFAC,
@@ -34,6 +35,7 @@ from dlcft_jax.curvature_kinds import (
     DiagonalCurvature,
     KroneckerCurvature,
 )
+from dlcft_jax.linearization import linearize, merge, split, tangent_apply
 from dlcft_jax.train_state import (
     MethodConfig,
     TrainState,

@@ -59,7 +59,8 @@ depthwise) and `dlcft_jax.models.DepthwiseConv2D`.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, NamedTuple, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -108,7 +109,7 @@ def _padding(p: Any, n: int) -> Any:
     return tuple(out)
 
 
-def layer_spec(module: nn.Module, x: jax.Array) -> Optional[LayerSpec]:
+def layer_spec(module: nn.Module, x: jax.Array) -> LayerSpec | None:
     """The `LayerSpec` of a supported module called on input x, else None."""
     from dlcft_jax.models.depthwise import DepthwiseConv2D  # pylint: disable=g-import-not-at-top
 
@@ -169,7 +170,7 @@ def tapped_apply(
     params: Params,
     x: jax.Array,
     keys: Iterable[str],
-    taps: Optional[Mapping[str, jax.Array]] = None,
+    taps: Mapping[str, jax.Array] | None = None,
 ):
     """Runs `apply_fn` and records each listed layer's input and output.
 
@@ -257,7 +258,7 @@ def patches(x: jax.Array, spec: LayerSpec) -> jax.Array:
 
 
 def kernel_matrix(
-    kernel: jax.Array, bias: Optional[jax.Array], kind: str
+    kernel: jax.Array, bias: jax.Array | None, kind: str
 ) -> jax.Array:
     """The kernel as the matrix that K-FAC factors act on.
 
@@ -283,7 +284,7 @@ def _with_ones(a: jax.Array) -> jax.Array:
     return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], -1)
 
 
-def _example_weights(b: int, weights: Optional[jax.Array], dtype) -> jax.Array:
+def _example_weights(b: int, weights: jax.Array | None, dtype) -> jax.Array:
     """(B,) example weights (ones when None) and their sum, at least 1e-12."""
     w = jnp.ones((b,), dtype) if weights is None else weights.astype(dtype)
     return w, jnp.maximum(jnp.sum(w), 1e-12)
@@ -311,7 +312,7 @@ def layer_factors(
     g: jax.Array,
     has_bias: bool,
     with_trace: bool = True,
-    weights: Optional[jax.Array] = None,
+    weights: jax.Array | None = None,
 ) -> dict:
     """K-FAC factors of one layer from its input and output gradient.
 
@@ -361,7 +362,7 @@ def layer_factors(
     return out
 
 
-def head_factor(z: jax.Array, weights: Optional[jax.Array] = None) -> jax.Array:
+def head_factor(z: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """A_head = E[z̄ z̄ᵀ] with z̄ = [z; 1]; the head Hessian is A_head ⊗ I.
 
     Args:
@@ -381,7 +382,7 @@ def pseudo_residual(
     logits: jax.Array,
     rng: jax.Array,
     loss: str,
-    class_mask: Optional[jax.Array],
+    class_mask: jax.Array | None,
     offset: jax.Array | int = 0,
 ) -> jax.Array:
     """∂ℓ/∂f for pseudo-targets drawn from the model's predictive distribution.
@@ -424,10 +425,10 @@ def batch_curvature(
     *,
     linearized: bool = True,
     loss: str = 'mse',
-    class_mask: Optional[jax.Array] = None,
-    weights: Optional[jax.Array] = None,
+    class_mask: jax.Array | None = None,
+    weights: jax.Array | None = None,
     with_trace: bool = False,
-    axis_name: Optional[str] = None,
+    axis_name: str | None = None,
 ) -> Curvature:
     """The curvature statistics of one batch (pure; jit/pmap it).
 

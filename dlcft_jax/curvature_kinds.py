@@ -49,7 +49,8 @@ about them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 import flax.struct
 import jax
@@ -82,10 +83,10 @@ class KroneckerCurvature(flax.struct.PyTreeNode):
     """
 
     layers: dict
-    head: Optional[dict]
+    head: dict | None
     restricted: bool = flax.struct.field(pytree_node=False, default=False)
 
-    def accumulate(self, new: 'KroneckerCurvature', num_tasks) -> Any:
+    def accumulate(self, new: KroneckerCurvature, num_tasks) -> Any:
         """The average over t+1 tasks, t = `num_tasks` already in `self`."""
         return curv_lib.accumulate(self, new, num_tasks)
 
@@ -116,7 +117,7 @@ class DiagonalCurvature(flax.struct.PyTreeNode):
 
     diag: Params
 
-    def accumulate(self, new: 'DiagonalCurvature', num_tasks) -> Any:
+    def accumulate(self, new: DiagonalCurvature, num_tasks) -> Any:
         """The average over t+1 tasks, t = `num_tasks` already in `self`."""
         return curv_lib.accumulate(self, new, num_tasks)
 
@@ -175,7 +176,7 @@ class KFAC:
         batch: Batch,
         rng: jax.Array,
         *,
-        axis_name: Optional[str] = None,
+        axis_name: str | None = None,
     ) -> KroneckerCurvature:
         """Statistics of one batch at the current parameters (pure)."""
         stats = curv_lib.batch_curvature(
@@ -250,7 +251,7 @@ class EWC:
         batch: Batch,
         rng: jax.Array,
         *,
-        axis_name: Optional[str] = None,
+        axis_name: str | None = None,
     ) -> DiagonalCurvature:
         """E_n[(∂ log p(ỹ_n | x_n)/∂θ)²], ỹ_n ~ p(·|x_n), for one batch.
 
@@ -299,7 +300,7 @@ class MAS:
         batch: Batch,
         rng: jax.Array,
         *,
-        axis_name: Optional[str] = None,
+        axis_name: str | None = None,
     ) -> DiagonalCurvature:
         """E_n |∂‖f(x_n)‖²/∂θ| for one batch (`rng` is unused)."""
         del rng

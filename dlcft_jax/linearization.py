@@ -34,7 +34,8 @@ jvp program is the costlier of the two.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Union
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,7 @@ def all_weights(path: Path, flat: Mapping[Path, Any]) -> bool:
 
 
 def _predicate(
-    trainable: Union[None, str, TrainablePredicate],
+    trainable: None | str | TrainablePredicate,
 ) -> TrainablePredicate:
     if trainable is None or trainable == 'default':
         return default_trainable
@@ -109,7 +110,7 @@ def _predicate(
 
 
 def split(
-    params: Params, trainable: Union[None, str, TrainablePredicate] = None
+    params: Params, trainable: None | str | TrainablePredicate = None
 ) -> tuple[dict, dict]:
     """Splits nested-dict params into (trainable, frozen) sub-trees.
 
@@ -252,7 +253,7 @@ def shifted_apply(
 def linearize(
     apply_fn: ApplyFn,
     params0: Params,
-    trainable: Union[None, str, TrainablePredicate] = None,
+    trainable: None | str | TrainablePredicate = None,
     *,
     grad_mode: str = 'jvp',
 ) -> ApplyFn:
@@ -288,7 +289,7 @@ def linearize(
 
 
 def zeros_like_trainable(
-    params0: Params, trainable: Union[None, str, TrainablePredicate] = None
+    params0: Params, trainable: None | str | TrainablePredicate = None
 ) -> dict:
     """A zero tangent Δ = 0 over the trainable leaves of `params0`."""
     train0, _ = split(params0, trainable)

@@ -23,8 +23,6 @@ evaluation batch; the batch mean is Σ w·ℓ / Σ w.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
@@ -43,7 +41,7 @@ def _check(logits: jax.Array, labels: jax.Array) -> None:
         )
 
 
-def _mean(per_example: jax.Array, weights: Optional[jax.Array]) -> jax.Array:
+def _mean(per_example: jax.Array, weights: jax.Array | None) -> jax.Array:
     if weights is None:
         return jnp.mean(per_example)
     return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -54,7 +52,7 @@ def mse_per_example(
     labels: jax.Array,
     *,
     alpha: float = ALPHA,
-    class_mask: Optional[jax.Array] = None,
+    class_mask: jax.Array | None = None,
 ) -> jax.Array:
     """½ Σ_c m_c (α·onehot(y)_c − f_c)² for each example, shape (B,)."""
     _check(logits, labels)
@@ -72,8 +70,8 @@ def mse_loss(
     labels: jax.Array,
     *,
     alpha: float = ALPHA,
-    class_mask: Optional[jax.Array] = None,
-    weights: Optional[jax.Array] = None,
+    class_mask: jax.Array | None = None,
+    weights: jax.Array | None = None,
 ) -> jax.Array:
     """The α-scaled one-hot MSE, ½·sum over outputs, mean over the batch.
 
@@ -93,9 +91,7 @@ def mse_loss(
     )
 
 
-def masked_logits(
-    logits: jax.Array, class_mask: Optional[jax.Array]
-) -> jax.Array:
+def masked_logits(logits: jax.Array, class_mask: jax.Array | None) -> jax.Array:
     """Sets inactive outputs to a large negative value (for softmax/argmax)."""
     if class_mask is None:
         return logits
@@ -107,7 +103,7 @@ def cross_entropy_per_example(
     logits: jax.Array,
     labels: jax.Array,
     *,
-    class_mask: Optional[jax.Array] = None,
+    class_mask: jax.Array | None = None,
 ) -> jax.Array:
     """−log softmax(f)_y over the active outputs, shape (B,)."""
     _check(logits, labels)
@@ -119,8 +115,8 @@ def cross_entropy_loss(
     logits: jax.Array,
     labels: jax.Array,
     *,
-    class_mask: Optional[jax.Array] = None,
-    weights: Optional[jax.Array] = None,
+    class_mask: jax.Array | None = None,
+    weights: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax cross-entropy, mean over the batch (see `mse_loss` for args)."""
     return _mean(
@@ -148,8 +144,8 @@ def accuracy(
     logits: jax.Array,
     labels: jax.Array,
     *,
-    class_mask: Optional[jax.Array] = None,
-    weights: Optional[jax.Array] = None,
+    class_mask: jax.Array | None = None,
+    weights: jax.Array | None = None,
 ) -> jax.Array:
     """Fraction of examples whose arg-max over the active outputs is the label."""
     pred = jnp.argmax(masked_logits(logits, class_mask), axis=-1)

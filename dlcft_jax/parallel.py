@@ -27,12 +27,14 @@ each host feeds its own part of the global batch.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from dlcft_jax import train_state
 
@@ -96,14 +98,14 @@ def pmap_curvature_fns(axis_name: str = AXIS) -> dict[str, Callable]:
 
 
 def make_mesh(
-    devices: Optional[Sequence[jax.Device]] = None, axis_name: str = AXIS
+    devices: Sequence[jax.Device] | None = None, axis_name: str = AXIS
 ) -> Mesh:
     """A 1-D mesh over `devices` (default: all devices)."""
     devs = np.asarray(jax.devices() if devices is None else devices)
     return Mesh(devs, (axis_name,))
 
 
-def replicate(tree: Any, num_devices: Optional[int] = None) -> Any:
+def replicate(tree: Any, num_devices: int | None = None) -> Any:
     """Adds a leading device axis to every leaf (for `pmap_step`)."""
     n = num_devices or jax.local_device_count()
     return jax.tree.map(
@@ -116,7 +118,7 @@ def unreplicate(tree: Any) -> Any:
     return jax.tree.map(lambda x: x[0], tree)
 
 
-def shard_batch(batch: Any, num_devices: Optional[int] = None) -> Any:
+def shard_batch(batch: Any, num_devices: int | None = None) -> Any:
     """Reshapes a global batch (B, ...) to (devices, B / devices, ...)."""
     n = num_devices or jax.local_device_count()
 
@@ -131,7 +133,7 @@ def shard_batch(batch: Any, num_devices: Optional[int] = None) -> Any:
     return jax.tree.map(split, batch)
 
 
-def host_replicate(tree: Any, num_devices: Optional[int] = None) -> Any:
+def host_replicate(tree: Any, num_devices: int | None = None) -> Any:
     """`num_devices` stacked copies of every leaf, as NumPy views (no copy).
 
     A `pmap` input: pmap places one copy on each local device itself, and its

@@ -37,7 +37,8 @@ a task of another length does not recompile the step.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -72,7 +73,7 @@ def quadratic_penalty(
     kind: kinds.CurvatureKind,
     *,
     proximal: float = 0.0,
-    curvature: Optional[kinds.Curvature] = None,
+    curvature: kinds.Curvature | None = None,
 ) -> optax.GradientTransformation:
     """The penalty of past tasks as the first link of an optax chain.
 
@@ -214,7 +215,7 @@ def _find(opt_state, cls):
     return found[0] if found else None
 
 
-def find(opt_state) -> Optional[PenaltyState]:
+def find(opt_state) -> PenaltyState | None:
     """The (first) `PenaltyState` inside an optimizer state, or None."""
     return _find(opt_state, PenaltyState)
 
@@ -273,7 +274,7 @@ def set_num_steps(opt_state, num_steps) -> Any:
     )
 
 
-def learning_rate(opt_state) -> Optional[jax.Array]:
+def learning_rate(opt_state) -> jax.Array | None:
     """η of the next step of the `per_task_schedule` in the state, else None."""
     state = _find(opt_state, TaskScheduleState)
     return None if state is None else state.rate()

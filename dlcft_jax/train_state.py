@@ -41,10 +41,11 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
-import flax.struct
 import chex
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -181,35 +182,35 @@ class MethodConfig:
     # -- presets: the paper's methods (docs/method.md §7, §8) --------------
 
     @classmethod
-    def dlcft(cls, **overrides) -> 'MethodConfig':
+    def dlcft(cls, **overrides) -> MethodConfig:
         """Linearized + MSE + K-FAC, Adam 1e-4, L2 1e-5, clip 1, κ 1e-4."""
         return cls(**overrides)
 
     @classmethod
-    def finetune(cls, **overrides) -> 'MethodConfig':
+    def finetune(cls, **overrides) -> MethodConfig:
         """Plain fine-tuning: non-linear network, cross-entropy, no penalty,
         SGD momentum 0.9, lr 1e-3 (the paper's non-linear baselines)."""
         return cls._nonlinear(dict(loss='ce', regularizer='none'), overrides)
 
     @classmethod
-    def finetune_mse(cls, **overrides) -> 'MethodConfig':
+    def finetune_mse(cls, **overrides) -> MethodConfig:
         """Fine-tuning of the non-linear network with the α-MSE loss."""
         return cls._nonlinear(dict(loss='mse', regularizer='none'), overrides)
 
     @classmethod
-    def ewc(cls, **overrides) -> 'MethodConfig':
+    def ewc(cls, **overrides) -> MethodConfig:
         """EWC (Kirkpatrick et al., 2017) as in the authors' code: diagonal
         true Fisher, (L + t·R)/(t+1), non-linear + SCE, SGD 0.9, lr 1e-3."""
         return cls._nonlinear(dict(loss='ce', regularizer='ewc'), overrides)
 
     @classmethod
-    def mas(cls, **overrides) -> 'MethodConfig':
+    def mas(cls, **overrides) -> MethodConfig:
         """MAS (Aljundi et al., 2018): Ω = E|∂‖f‖²/∂θ|, same weighting and
         optimizer as EWC."""
         return cls._nonlinear(dict(loss='ce', regularizer='mas'), overrides)
 
     @classmethod
-    def lwf(cls, **overrides) -> 'MethodConfig':
+    def lwf(cls, **overrides) -> MethodConfig:
         """LwF (Li & Hoiem, 2016) as in the authors' code: KL to the
         previous model's softmax on the current inputs, weight t,
         (L + t·R)/(t+1); non-linear + SCE, SGD 0.9, lr 1e-3. With
@@ -220,14 +221,14 @@ class MethodConfig:
         return cls._nonlinear(kw, overrides)
 
     @classmethod
-    def osla(cls, **overrides) -> 'MethodConfig':
+    def osla(cls, **overrides) -> MethodConfig:
         """OSLA (Ritter et al., 2018), the K-FAC Laplace penalty of the
         non-linear network with SCE: the authors' METHOD='KFAC',
         LINEARIZED=False, LOSS_FN='SCE'; SGD 0.9, lr 1e-3."""
         return cls._nonlinear(dict(loss='ce', regularizer='kfac'), overrides)
 
     @classmethod
-    def _nonlinear(cls, kw: dict, overrides: dict) -> 'MethodConfig':
+    def _nonlinear(cls, kw: dict, overrides: dict) -> MethodConfig:
         base = dict(
             linearized=False,
             optimizer='sgd',
@@ -239,7 +240,7 @@ class MethodConfig:
         return cls(**base)
 
 
-def curvature_kind(config: MethodConfig) -> Optional[kinds.CurvatureKind]:
+def curvature_kind(config: MethodConfig) -> kinds.CurvatureKind | None:
     """The `curvature_kinds` estimator of `config.regularizer` (None: none)."""
     if config.regularizer == 'none':
         return None
@@ -322,18 +323,18 @@ class TrainState(flax.struct.PyTreeNode):
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     config: MethodConfig = flax.struct.field(pytree_node=False)
     loss_fn: LossFn = flax.struct.field(pytree_node=False, default=None)
-    train_apply_fn: Optional[Callable[..., Any]] = flax.struct.field(
+    train_apply_fn: Callable[..., Any] | None = flax.struct.field(
         pytree_node=False, default=None
     )
 
     @property
-    def curvature(self) -> Optional[kinds.Curvature]:
+    def curvature(self) -> kinds.Curvature | None:
         """H̄, the accumulated curvature of the penalty (None without one)."""
         state = pen_lib.find(self.opt_state)
         return None if state is None else state.curvature
 
     @property
-    def penalty_state(self) -> Optional[pen_lib.PenaltyState]:
+    def penalty_state(self) -> pen_lib.PenaltyState | None:
         return pen_lib.find(self.opt_state)
 
 
@@ -367,12 +368,12 @@ def create_state(
     num_classes: int,
     example_input: jax.Array,
     config: MethodConfig = MethodConfig(),
-    tx: Optional[optax.GradientTransformation] = None,
-    loss: Optional[LossFn] = None,
+    tx: optax.GradientTransformation | None = None,
+    loss: LossFn | None = None,
     trainable: Any = None,
-    head: Optional[Params] = None,
+    head: Params | None = None,
     num_steps: int = 1,
-    train_apply_fn: Optional[Callable[..., Any]] = None,
+    train_apply_fn: Callable[..., Any] | None = None,
 ) -> TrainState:
     """Builds the initial state: Δψ = 0, a zero head (unless given), t = 0.
 
@@ -524,7 +525,7 @@ def distill_loss(
     kind: str,
     temperature: float = 1.0,
     group_size: int = 0,
-    weights: Optional[jax.Array] = None,
+    weights: jax.Array | None = None,
 ) -> jax.Array:
     """LwF's term on the outputs of old classes (`mask` (B, C), 1 = old).
 
@@ -572,7 +573,7 @@ def _check_batch(batch: Batch, num_classes: int) -> None:
 
 
 def step(
-    state: TrainState, batch: Batch, *, axis_name: Optional[str] = None
+    state: TrainState, batch: Batch, *, axis_name: str | None = None
 ) -> tuple[TrainState, Metrics]:
     """One optimization step of the current task (pure, per device).
 
@@ -703,7 +704,7 @@ def step(
 
 
 def begin_task(
-    state: TrainState, *, num_steps: int, class_mask: Optional[jax.Array] = None
+    state: TrainState, *, num_steps: int, class_mask: jax.Array | None = None
 ) -> TrainState:
     """Starts a task: fresh optimizer moments, schedule of N_t steps.
 
@@ -747,7 +748,7 @@ def curvature_step(
     batch: Batch,
     rng: jax.Array,
     *,
-    axis_name: Optional[str] = None,
+    axis_name: str | None = None,
 ) -> kinds.Curvature:
     """The penalty's curvature of one batch at the current parameters.
 
@@ -772,10 +773,10 @@ def estimate_curvature(
     state: TrainState,
     batches: Iterable[Batch],
     rng: jax.Array,
-    stats_fn: Optional[Callable[..., Any]] = None,
+    stats_fn: Callable[..., Any] | None = None,
     *,
-    add_fn: Optional[Callable[[Any, Any], Any]] = None,
-    scale_fn: Optional[Callable[[Any, float], Any]] = None,
+    add_fn: Callable[[Any, Any], Any] | None = None,
+    scale_fn: Callable[[Any, float], Any] | None = None,
 ) -> kinds.Curvature:
     """Averages `curvature_step` over batches of the task just trained.
 
@@ -805,7 +806,7 @@ def estimate_curvature(
 
 
 def end_task(
-    state: TrainState, task_curvature: Optional[kinds.Curvature]
+    state: TrainState, task_curvature: kinds.Curvature | None
 ) -> TrainState:
     """Finishes task t: H̄ ← (t·H̄ + H_t)/(t+1), θ_t becomes the anchor and
     LwF's teacher, t += 1."""

@@ -15,9 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 # The errors a user can cause: a ConfigError (a ValueError), a missing file

@@ -69,15 +69,14 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags, logging
 from flax import traverse_util
 
 import dlcft_jax as dj
@@ -272,10 +271,10 @@ def fine_tune_and_record(
     weight_decay: float,
     clip_norm: float,
     probe: Sequence[tuple[np.ndarray, np.ndarray]],
-    layer: Optional[str],
+    layer: str | None,
     top_k: int,
-    head: Optional[Params] = None,
-    log: Optional[Callable[[str], None]] = None,
+    head: Params | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Fine-tunes with one loss and records the curvature along the way.
 
@@ -429,7 +428,7 @@ def initial_head(
     num_classes: int,
     init: str,
     seed: int,
-) -> Optional[dict]:
+) -> dict | None:
     """The head both runs start from.
 
     'torch': kernel and bias uniform in ±1/√D (PyTorch's `nn.Linear` default,
@@ -460,7 +459,7 @@ def run_spectrum(
     images: np.ndarray,
     labels: np.ndarray,
     *,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
     steps: int = 300,
     every: int = 50,
     batch_size: int = 32,
@@ -469,11 +468,11 @@ def run_spectrum(
     weight_decay: float = 1e-5,
     clip_norm: float = 1.0,
     curvature_batches: int = 8,
-    curvature_batch_size: Optional[int] = None,
-    layer: Optional[str] = None,
+    curvature_batch_size: int | None = None,
+    layer: str | None = None,
     top_k: int = 10,
     head_init: str = 'torch',
-    log: Optional[Callable[[str], None]] = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Both fine-tuning runs (SCE, then MSE) with their curvature records.
 

@@ -62,7 +62,8 @@ same for every method so that comparisons are fair):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 

@@ -38,11 +38,10 @@ import os
 import shlex
 import statistics
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 PAPER = 'Shon et al., DLCFT, ECCV 2022 (arXiv:2208.08112)'
 
@@ -84,7 +83,7 @@ class Row:
 
     method: str
     label: str
-    paper: tuple[Optional[float], ...]
+    paper: tuple[float | None, ...]
     source: str
     notes: tuple[str, ...] = ()
     cell_notes: tuple[tuple[int, str], ...] = ()
@@ -373,7 +372,7 @@ def runs_needed(tables: Sequence[Table] = TABLES) -> dict[RunKey, list[Cell]]:
     return out
 
 
-def workdir_name(key: RunKey, seed: Optional[int] = None) -> str:
+def workdir_name(key: RunKey, seed: int | None = None) -> str:
     """`SETTING-BENCHMARK-METHOD[-seedS]`, the run's folder under RUNS_ROOT."""
     name = '-'.join(key)
     return name if seed is None else f'{name}-seed{seed}'
@@ -383,10 +382,10 @@ def command(
     key: RunKey,
     runs_root: str,
     *,
-    backbone_cifar: Optional[str] = None,
-    backbone_mit67: Optional[str] = None,
-    mit67_dir: Optional[str] = None,
-    seed: Optional[int] = None,
+    backbone_cifar: str | None = None,
+    backbone_mit67: str | None = None,
+    mit67_dir: str | None = None,
+    seed: int | None = None,
 ) -> str:
     """The `python -m experiments.run` command line of one run."""
     setting, benchmark, method = key
@@ -434,16 +433,16 @@ def _cell_phrase(cell: Cell) -> str:
 def plan_text(
     runs_root: str = 'runs/paper',
     *,
-    backbone_cifar: Optional[str] = None,
-    backbone_mit67: Optional[str] = None,
-    mit67_dir: Optional[str] = None,
+    backbone_cifar: str | None = None,
+    backbone_mit67: str | None = None,
+    mit67_dir: str | None = None,
     seeds: Sequence[int] = (),
     tables: Sequence[Table] = TABLES,
 ) -> str:
     """The preparation and every table's commands, as printed by `--plan`."""
     needed = runs_needed(tables)
     n_cells = sum(len(c) for c in needed.values())
-    seed_list: list[Optional[int]] = list(seeds) or [None]
+    seed_list: list[int | None] = list(seeds) or [None]
     cifar = backbone_cifar or 'CIFAR_BACKBONE'
     pretrain_dir = os.path.join(runs_root, 'pretrain_imagenet32')
     lines = [
@@ -546,12 +545,12 @@ class RunResult:
     setting: str
     benchmark: str
     method: str
-    average_accuracy: Optional[float]
+    average_accuracy: float | None
     complete: bool
-    tasks_done: Optional[int]
-    num_tasks: Optional[int]
-    seed: Optional[int]
-    steps_per_task: Optional[int]
+    tasks_done: int | None
+    num_tasks: int | None
+    seed: int | None
+    steps_per_task: int | None
 
     @property
     def key(self) -> RunKey:
@@ -654,7 +653,7 @@ class CellValue:
 
     ours: str
     diff: str
-    mean: Optional[float] = None
+    mean: float | None = None
 
 
 def cell_value(paper: float, runs: Sequence[RunResult]) -> CellValue:

@@ -120,7 +120,7 @@ def test_runs_are_deterministic_and_well_formed():
             assert len(run[key]) == 3, key
         for top, trace in zip(run['head_top_k'], run['head_trace']):
             assert len(top) == 5 and top == sorted(top, reverse=True)
-            assert 0 <= top[0] and sum(top) <= trace * (1 + 1e-9)
+            assert top[0] >= 0 and sum(top) <= trace * (1 + 1e-9)
     # Same start: same network and head, so the same features (tr A) at step 0.
     assert (
         a['losses']['sce']['head_trace_A'][0]

@@ -371,7 +371,9 @@ def test_hold_out_is_a_stratified_validation_split():
     # The held-out images are training images, disjoint from those kept.
     flat = data.x_train.reshape(len(data.x_train), -1)
     rows = {r.tobytes(): i for i, r in enumerate(flat)}
-    kept = {rows[r.tobytes()] for r in val.x_train.reshape(len(val.x_train), -1)}
+    kept = {
+        rows[r.tobytes()] for r in val.x_train.reshape(len(val.x_train), -1)
+    }
     out = {rows[r.tobytes()] for r in val.x_test.reshape(len(val.x_test), -1)}
     assert not kept & out and len(kept | out) == len(data.y_train)
     # The same split for every call; another seed gives another one.

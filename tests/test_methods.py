@@ -17,8 +17,7 @@ import pytest
 import dlcft_jax as dj
 from dlcft_jax import curvature as curv_lib
 from dlcft_jax import linearization as lin
-from dlcft_jax import losses
-from dlcft_jax import penalty
+from dlcft_jax import losses, penalty
 from dlcft_jax import train_state as ts
 from dlcft_jax.models.small_cnn import SmallConvNet, init_small
 

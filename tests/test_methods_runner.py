@@ -8,11 +8,10 @@ are those of the class means of the frozen features.
 
 import numpy as np
 import pytest
-from tiny_run import tiny_config
+from tiny_run import TINY, set_fields, tiny_config
 
 from experiments import backbones, datasets, input_pipeline, methods, train
 from experiments.configs import data_il, task_il
-from tiny_run import set_fields, TINY
 
 # Where the paper's tables use each method (docs/method.md §9.1-9.3), beyond
 # class-IL.

@@ -18,7 +18,7 @@ from PIL import Image
 from tiny_run import set_fields
 
 from dlcft_jax import models
-from experiments import backbones, pretrain, train
+from experiments import backbones, train
 from experiments.configs import class_il, data_il, task_il
 
 SMALL = {

@@ -8,7 +8,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -57,7 +57,7 @@ _COMMAND = re.compile(
 )
 
 
-def _cli(*args: str, cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, '-m', 'experiments.reproduce', *args],
         capture_output=True,
@@ -277,7 +277,7 @@ def _write_run(
     acc: float,
     *,
     seed: int = 0,
-    done: Optional[int] = None,
+    done: int | None = None,
     num_tasks: int = 10,
 ) -> Path:
     done = num_tasks if done is None else done

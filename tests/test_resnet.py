@@ -9,7 +9,8 @@ model built by hand with torchvision's BasicBlock layout counts the same.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

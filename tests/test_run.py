@@ -138,7 +138,9 @@ def test_data_il_splits_the_data_and_tests_on_everything(tmp_path, npz_dir):
     config.replay.buffer_size = 0
     from experiments import datasets  # pylint: disable=g-import-not-at-top
 
-    tasks, num_classes = input_pipeline.make_tasks(config, datasets.load(config.data))
+    tasks, num_classes = input_pipeline.make_tasks(
+        config, datasets.load(config.data)
+    )
     assert num_classes == 4 and len(tasks) == 2
     assert len(tasks[0].train_idx) == len(tasks[1].train_idx) == 40
     assert not set(tasks[0].train_idx) & set(tasks[1].train_idx)

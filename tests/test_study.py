@@ -209,4 +209,6 @@ def test_avalanche_table_puts_both_libraries_side_by_side(tmp_path):
 def test_only_class_il_gives_every_method_the_buffer(tmp_path):
     for grid, has in (('class_il_32', True), ('task_il_32', False)):
         s = study.Study(study.GRIDS[grid], grid, tmp_path)
-        assert ('--config.replay.buffer_size=200' in s.command('dlcft', 0)) is has
+        assert (
+            '--config.replay.buffer_size=200' in s.command('dlcft', 0)
+        ) is has

@@ -1,5 +1,10 @@
 """Backbones (EfficientNet-Lite0, ResNets), fast depthwise conv, weight loading."""
 
+from dlcft_jax.models.convert_torch import (
+    convert_resnet_state_dict,
+    load_resnet,
+    read_torch_state_dict,
+)
 from dlcft_jax.models.depthwise import (
     DepthwiseConv2D,
     depthwise_conv,
@@ -12,11 +17,6 @@ from dlcft_jax.models.efficientnet_lite import (
     MBConvBlock,
     preprocess,
     resize,
-)
-from dlcft_jax.models.convert_torch import (
-    convert_resnet_state_dict,
-    load_resnet,
-    read_torch_state_dict,
 )
 from dlcft_jax.models.resnet import (
     CifarResNet18,

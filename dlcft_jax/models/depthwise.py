@@ -40,7 +40,7 @@ times are noisy; a second run under heavier load gave the same picture
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

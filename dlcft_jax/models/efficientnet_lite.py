@@ -28,7 +28,8 @@ Findings from reading that package (they fix the numerics here):
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

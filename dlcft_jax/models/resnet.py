@@ -46,7 +46,8 @@ a head {'kernel': (D, C), 'bias': (C,)} as `dlcft_jax.TrainState` holds it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
