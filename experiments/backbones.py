@@ -67,12 +67,18 @@ def build_backbone(
             jax.random.key(config.seed),
             jnp.zeros((1, b.image_size, b.image_size, 3)),
         )
-        preprocess = lambda x: jnp.asarray(x, jnp.float32) / 127.5 - 1.0
+
+        def preprocess(x):
+            return jnp.asarray(x, jnp.float32) / 127.5 - 1.0
+
     elif b.name in RESNETS:
         net, variables = _load_resnet(b)
         m = jnp.asarray(mean, jnp.float32) * 255.0
         s = jnp.asarray(std, jnp.float32) * 255.0
-        preprocess = lambda x: (x - m) / s
+
+        def preprocess(x):
+            return (x - m) / s
+
     else:
         raise ConfigError(
             f'config.backbone.name={b.name!r} is unknown; use one of {NAMES}.'

@@ -19,9 +19,11 @@ _METHODS = tuple(methods.METHODS)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for the first field the run cannot use."""
     need(
         config.setting in methods.SETTINGS,
-        f'config.setting={config.setting!r} is unknown; use one of {methods.SETTINGS}.',
+        f'config.setting={config.setting!r} is unknown; use one of '
+        f'{methods.SETTINGS}.',
     )
     close = difflib.get_close_matches(str(config.method), _METHODS, n=1)
     need(
@@ -135,8 +137,9 @@ def check_devices(config: ml_collections.ConfigDict) -> None:
     if per_step % n:
         raise ConfigError(
             f'The global batch train.batch_size + replayed rows '
-            f'(replay.batch_size, twice for derpp) = {per_step} does not divide by the {n} devices; choose sizes '
-            f'whose sum is a multiple of {n}.'
+            f'(replay.batch_size, twice for derpp) = {per_step} does not '
+            f'divide by the {n} devices; choose sizes whose sum is a '
+            f'multiple of {n}.'
         )
     if config.curvature.batch_size % n:
         raise ConfigError(

@@ -344,7 +344,7 @@ def summary_table(results: Mapping[str, Any]) -> str:
     def line(cells: Sequence[str]) -> str:
         return ' '.join(
             str(c).ljust(w) if k < 2 else str(c).rjust(w)
-            for k, (c, (_, w)) in enumerate(zip(cells, cols))
+            for k, (c, (_, w)) in enumerate(zip(cells, cols, strict=True))
         ).rstrip()
 
     def row(t: int) -> str:

@@ -13,7 +13,8 @@ weights, one epoch per task (313 steps of 32 current-task images, no longer
 first task), the same crop + flip augmentation, and for the methods with a
 replay buffer 32 replayed images per step from a 200-image reservoir (in
 class-IL every method that trains with labels, `CLASS_IL_PROTOCOL`; in
-task-IL and data-IL only er, der and derpp). Each run is one `python -m experiments.run` process in ROOT/GRID/METHOD/seed_S;
+task-IL and data-IL only er, der and derpp). Each run is one
+`python -m experiments.run` process in ROOT/GRID/METHOD/seed_S;
 extra `--config.*` flags after `--` go to every run (give them a `--tag`,
 which names the variant's folder ROOT/GRID-TAG).
 
@@ -409,8 +410,8 @@ def table(study: Study, rows: list[Row]) -> str:
         ),
         '',
         (
-            '| method | seeds | average accuracy % | forgetting | newest task % '
-            '| wall time / run | after each task (mean) |'
+            '| method | seeds | average accuracy % | forgetting '
+            '| newest task % | wall time / run | after each task (mean) |'
         ),
         '| --- | --- | --- | --- | --- | --- | --- |',
     ]
@@ -425,12 +426,14 @@ def table(study: Study, rows: list[Row]) -> str:
         wall = np.mean([x['wall_time_s'] for x in r.runs]) / 60
         known = [x for x in r.loads if x is not None]
         load = f' (load {np.mean(known):.1f})' if known else ''
+        mean_curve = np.mean([_curve(x) for x in r.runs], 0)
+        curve = ' / '.join(f'{a:.1f}' for a in mean_curve)
         body.append(
             f'| {name} | {",".join(map(str, r.seeds))} | '
             f'{_stat(r.accuracy)} | '
             f'{_stat([x["forgetting"] for x in r.runs])} | '
-            f'{_stat([_newest(x) for x in r.runs], 1)} | {wall:.1f} min{load} | '
-            f'{" / ".join(f"{a:.1f}" for a in np.mean([_curve(x) for x in r.runs], 0))} |'
+            f'{_stat([_newest(x) for x in r.runs], 1)} | '
+            f'{wall:.1f} min{load} | {curve} |'
         )
     body += [
         f'| `{r.method}` | — | not run yet | | | | |'
@@ -575,7 +578,9 @@ def main(argv):
     try:
         seeds = sorted({int(s) for s in _SEEDS.value})
     except ValueError:
-        raise app.UsageError(f'--seeds must be integers, got {_SEEDS.value}.')
+        raise app.UsageError(
+            f'--seeds must be integers, got {_SEEDS.value}.'
+        ) from None
     name = _GRID.value + (f'-{_TAG.value}' if _TAG.value else '')
     study = Study(grid, name, Path(_ROOT.value), _DATA.value, extra)
     if not _COLLECT.value:

@@ -698,7 +698,8 @@ def main(argv=None) -> int:
 
     protocol = ProtocolPlugin(args)
     collector = EvalCollector()
-    log = open(os.path.join(args.out, 'log.txt'), 'w')
+    # Open for the whole run: Avalanche's TextLogger writes to it.
+    log = open(os.path.join(args.out, 'log.txt'), 'w')  # noqa: SIM115
     evaluator = EvaluationPlugin(
         accuracy_metrics(experience=True), loggers=[TextLogger(log)]
     )
@@ -767,7 +768,9 @@ def main(argv=None) -> int:
                 'iteration_loop_s': protocol.loop_s,
                 'seconds_per_iteration': [
                     s / max(k, 1)
-                    for s, k in zip(protocol.loop_s, protocol.iters)
+                    for s, k in zip(
+                        protocol.loop_s, protocol.iters, strict=True
+                    )
                 ],
                 'train_time_s': train_s,
                 'eval_time_s': eval_s,

@@ -10,10 +10,10 @@ the last task, the forgetting, the accuracy on the newest task, the wall
 time of each and the training seconds per step (the step loop alone: no
 compilation, set-up, curvature or evaluation), each with the machine's mean
 1-minute load during the run (these are 2-core machines shared with other
-runs, so compare speeds only at similar load). Avalanche's accuracies are given under both test rules: the
-argmax over all 10 classes (Avalanche's own) and over the classes seen so
-far (ours). Needs only the standard library, so it runs outside both
-environments.
+runs, so compare speeds only at similar load). Avalanche's accuracies are
+given under both test rules: the argmax over all 10 classes (Avalanche's
+own) and over the classes seen so far (ours). Needs only the standard
+library, so it runs outside both environments.
 """
 
 from __future__ import annotations
@@ -66,10 +66,11 @@ def _speed(per_step: float, load: float | None) -> str:
 def rows(avalanche: Path, ours: Path, seeds=(0, 1, 2)) -> list[str]:
     out = [
         (
-            '| method | seed | ours: accuracy / forgetting / newest | '
-            'Avalanche, seen-class argmax (our rule) | Avalanche, 10-way argmax '
-            '(its rule) | wall time: ours / Avalanche | training s/step: ours / '
-            'Avalanche |'
+            '| method | seed | ours: accuracy / forgetting / newest '
+            '| Avalanche, seen-class argmax (our rule) '
+            '| Avalanche, 10-way argmax (its rule) '
+            '| wall time: ours / Avalanche '
+            '| training s/step: ours / Avalanche |'
         ),
         '| --- | --- | --- | --- | --- | --- | --- |',
     ]
