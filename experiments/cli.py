@@ -10,9 +10,10 @@ last one completed. Set DLCFT_TRACEBACK=1 to see the traceback instead.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from absl import app, flags, logging
@@ -31,6 +32,20 @@ def need(ok: bool, message: str) -> None:
     """Raises ConfigError(message) unless `ok`."""
     if not ok:
         raise ConfigError(message)
+
+
+def stop_if_not_finite(
+    values: Mapping[str, float], where: str, advice: str
+) -> None:
+    """Raises FloatingPointError naming `where` if a value is NaN or ±Inf.
+
+    The runners call it on the metrics they fetch at log steps, so a
+    diverged run stops there, after its last good checkpoint.
+    """
+    if not all(math.isfinite(float(v)) for v in values.values()):
+        raise FloatingPointError(
+            f'Non-finite metrics at {where}: {dict(values)}. {advice}'
+        )
 
 
 def main(

@@ -60,6 +60,7 @@ from flax import traverse_util
 from jax import lax
 from PIL import Image
 
+from dlcft_jax import data as data_lib
 from dlcft_jax import parallel
 from dlcft_jax.models import resnet
 from experiments import (
@@ -506,17 +507,15 @@ def _evaluate(
 ) -> float:
     """Top-1 accuracy over the whole (or capped) evaluation split.
 
-    The last batch is padded with weight-0 copies so shapes stay static.
+    The last batch is padded with weight-0 rows so shapes stay static.
     """
     batch = config.eval.batch_size
     n = loader.num_examples
     correct = count = 0.0
-    for start in range(0, n, batch):
-        idx = np.arange(start, start + batch)
-        weights = (idx < n).astype(np.float32)
-        idx = np.minimum(idx, n - 1)
-        rows = input_pipeline.host_rows(batch)
-        idx, weights = idx[rows], weights[rows]
+    rows = input_pipeline.host_rows(batch)
+    # Padded index batches: static shapes, padding rows of weight 0.
+    for b in data_lib.eval_batches(np.arange(n), np.zeros(n, np.int32), batch):
+        idx, weights = b['image'][rows], b['mask'][rows]
         images, labels = loader.batch(idx, None)
         out = eval_step(
             state,
@@ -654,12 +653,12 @@ def pretrain(
                 fetched = jax.device_get(pending_metrics)
                 pending_metrics = []
                 losses = np.asarray([m['loss'][0] for m in fetched])
-                if not np.all(np.isfinite(losses)):
-                    raise FloatingPointError(
-                        f'non-finite training loss at step {step} (epoch '
-                        f'{epoch}); lower optim.learning_rate or resume from '
-                        'an earlier checkpoint'
-                    )
+                cli.stop_if_not_finite(
+                    dict(enumerate(losses.tolist())),
+                    f'step {step} (epoch {epoch}), training losses',
+                    'Lower optim.learning_rate or resume from an earlier '
+                    'checkpoint.',
+                )
                 elapsed = time.perf_counter() - t0
                 record = {
                     'step': step,

@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import socket
 import time
@@ -64,6 +63,7 @@ from dlcft_jax.data import ReplayBuffer
 from experiments import (
     backbones,
     checkpointing,
+    cli,
     config_checks,
     datasets,
     input_pipeline,
@@ -260,14 +260,6 @@ def evaluate(config, method, tasks, t, num_classes, scores_of) -> list[float]:
     if config.setting == 'data_il':
         return out * (last + 1)
     return out
-
-
-def check_finite(metrics: dict[str, float], t: int, step: int) -> None:
-    if not all(math.isfinite(v) for v in metrics.values()):
-        raise FloatingPointError(
-            f'Non-finite metrics at task {t + 1} step {step}: {metrics}. '
-            'Lower config.optim.learning_rate or check the data.'
-        )
 
 
 def task_summary(config, t: int, task: Task, accuracy, acc, joint, **timing):
@@ -544,7 +536,12 @@ def train_and_evaluate(
                                 parallel.host_unreplicate(m)
                             ).items()
                         }
-                        check_finite(m, t, done)
+                        cli.stop_if_not_finite(
+                            m,
+                            f'task {t + 1} step {done}',
+                            'Lower config.optim.learning_rate or check the '
+                            'data.',
+                        )
                         seconds = max(time.time() - window[0], 1e-9)
                         m['images_per_s'] = window[1] / seconds
                         m['input_wait_frac'] = window[2] / seconds
