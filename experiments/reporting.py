@@ -441,6 +441,31 @@ def _metric_text(metrics: Mapping[str, Any]) -> list[str]:
     return parts
 
 
+class Throughput:
+    """Images per second and the share of time spent waiting for input,
+    over the steps since the last `read`."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
+        self._start, self._images, self._wait = time.time(), 0, 0.0
+
+    def add(self, images: int, wait_s: float) -> None:
+        self._images += images
+        self._wait += wait_s
+
+    def read(self) -> dict[str, float]:
+        """{'images_per_s', 'input_wait_frac'} of the window; restarts it."""
+        seconds = max(time.time() - self._start, 1e-9)
+        out = {
+            'images_per_s': self._images / seconds,
+            'input_wait_frac': self._wait / seconds,
+        }
+        self._reset()
+        return out
+
+
 class Progress:
     """Progress of training one task, for a terminal or a log file.
 

@@ -192,6 +192,34 @@ def offer_to_buffer(
     buffer.add(images, rows, task_ids, stored, rng=rng)
 
 
+def offer_step(buffer, spec, data, task, t, k, logits_fn) -> None:
+    """Stream insertion (Mammoth's): step k's current-task examples are
+    offered to the reservoir after the batch is drawn."""
+    pos = input_pipeline.step_positions(spec, task, t, k)
+    offer_to_buffer(
+        buffer,
+        data.x_train[task.train_idx[pos]],
+        task.train_rows[pos],
+        t if task.train_task is None else task.train_task[pos],
+        input_pipeline.rng(spec.seed, input_pipeline.RESERVOIR, t, k),
+        logits_fn,
+    )
+
+
+def fetch_metrics(metrics, where: str) -> dict[str, float]:
+    """Device 0's step metrics as floats; stops a diverged run."""
+    m = {
+        name: float(v)
+        for name, v in jax.device_get(
+            parallel.host_unreplicate(metrics)
+        ).items()
+    }
+    cli.stop_if_not_finite(
+        m, where, 'Lower config.optim.learning_rate or check the data.'
+    )
+    return m
+
+
 def fit_training_free(free, config, method, z, y, num_classes, log):
     """NCM / RanPAC: task features `z`, head rows `y` added to the
     closed-form classifier `free` (None before the first task)."""
@@ -501,51 +529,21 @@ def train_and_evaluate(
                     progress = reporting.Progress(
                         n, t, len(train_tasks), every=config.train.log_every
                     )
-                window = (time.time(), 0, 0.0)  # start, images, input wait
+                meter = reporting.Throughput()
                 for k in range(k0, n):
                     wait = time.time()
                     batch = next(batches)
                     wait = time.time() - wait
                     input_wait += wait
                     if stream:  # Mammoth's order: offered after the draw
-                        pos = input_pipeline.step_positions(spec, task, t, k)
-                        offer_to_buffer(
-                            buffer,
-                            data.x_train[task.train_idx[pos]],
-                            task.train_rows[pos],
-                            t
-                            if task.train_task is None
-                            else task.train_task[pos],
-                            input_pipeline.rng(
-                                config.seed, input_pipeline.RESERVOIR, t, k
-                            ),
-                            logits_fn,
-                        )
+                        offer_step(buffer, spec, data, task, t, k, logits_fn)
                     state, m = fns.step(state, batch)
-                    window = (
-                        window[0],
-                        window[1] + spec.rows,
-                        window[2] + wait,
-                    )
+                    meter.add(spec.rows, wait)
                     done = k + 1
                     if done % config.train.log_every == 0 or done == n:
                         # Metrics reach the host only at log steps.
-                        m = {
-                            name: float(v)
-                            for name, v in jax.device_get(
-                                parallel.host_unreplicate(m)
-                            ).items()
-                        }
-                        cli.stop_if_not_finite(
-                            m,
-                            f'task {t + 1} step {done}',
-                            'Lower config.optim.learning_rate or check the '
-                            'data.',
-                        )
-                        seconds = max(time.time() - window[0], 1e-9)
-                        m['images_per_s'] = window[1] / seconds
-                        m['input_wait_frac'] = window[2] / seconds
-                        window = (time.time(), 0, 0.0)
+                        m = fetch_metrics(m, f'task {t + 1} step {done}')
+                        m.update(meter.read())
                         if progress is not None:
                             progress.update(done, m)
                         g = sum(steps[:t]) + done
