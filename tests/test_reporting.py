@@ -197,3 +197,12 @@ def test_summary_table_chunk_size():
     lines = reporting.summary_table(results).splitlines()
     assert lines[1].split()[:2] == ['task', 'chunk']
     assert lines[3].split()[:3] == ['1', '2500', 'imgs']
+
+
+def test_throughput_reads_a_window_and_restarts():
+    meter = reporting.Throughput()
+    meter.add(32, 0.0)
+    meter.add(32, 0.0)
+    first = meter.read()
+    assert first['images_per_s'] > 0 and first['input_wait_frac'] == 0.0
+    assert meter.read()['images_per_s'] == 0.0  # a fresh window
