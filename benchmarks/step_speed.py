@@ -132,7 +132,10 @@ def make_backbone(name: str, size: int):
         )
         mean = jnp.asarray([0.485, 0.456, 0.406]) * 255.0
         std = jnp.asarray([0.229, 0.224, 0.225]) * 255.0
-        normalize = lambda x: (x - mean) / std
+
+        def normalize(x):
+            return (x - mean) / std
+
         title = f'{name} (leaky ReLU)'
 
     def apply_fn(v, images):

@@ -1,4 +1,4 @@
-"""Curvature of past tasks: exact head block and K-FAC of the linearized backbone.
+"""Curvature of past tasks: exact head block, K-FAC of the linearized backbone.
 
 Model: f(x) = W̄ᵀ z̄, z̄ = [z; 1], z = g_lin(x; ψ), MSE loss (docs/method.md
 §2.1, §2.4).
@@ -139,9 +139,9 @@ def layer_spec(module: nn.Module, x: jax.Array) -> LayerSpec | None:
             kind = 'depthwise'
         else:
             raise ValueError(
-                f'Layer {"/".join(module.path)}: grouped convolutions other than '
-                'depthwise (feature_group_count == in == out channels) are not '
-                'supported by the K-FAC estimator; freeze the layer.'
+                f'Layer {"/".join(module.path)}: grouped convolutions other '
+                'than depthwise (feature_group_count == in == out channels) '
+                'are not supported by the K-FAC estimator; freeze the layer.'
             )
         return LayerSpec(
             kind,
@@ -203,9 +203,9 @@ def tapped_apply(
         spec = layer_spec(module, args[0])
         if spec is None:
             raise ValueError(
-                f'Trainable layer {key} ({type(module).__name__}) is not one K-FAC '
-                'supports (nn.Dense, nn.Conv, DepthwiseConv2D); freeze it '
-                "(create_state's trainable=) or use a diagonal regularizer "
+                f'Trainable layer {key} ({type(module).__name__}) is not one '
+                'K-FAC supports (nn.Dense, nn.Conv, DepthwiseConv2D); freeze '
+                "it (create_state's trainable=) or use a diagonal regularizer "
                 "(MethodConfig(regularizer='ewc' or 'mas'))."
             )
         y = next_fun(*args, **kwargs)
@@ -293,10 +293,14 @@ def _example_weights(b: int, weights: jax.Array | None, dtype) -> jax.Array:
 def _per_example_trace(
     a: jax.Array, g: jax.Array, w: jax.Array, norm: jax.Array
 ) -> jax.Array:
-    """Σ_n w_n ‖Σ_t g_{n,t} a_{n,t}ᵀ‖² / Σ w, by the cheaper of two exact forms."""
-    b, t, p = a.shape
-    o = g.shape[-1]
-    if p * o <= t * t:
+    """Σ_n w_n ‖Σ_t g_{n,t} a_{n,t}ᵀ‖² / Σ w, by the cheaper of two exact
+    forms; a depthwise layer (a: (B, T, C, k), g: (B, T, C)) sums one such
+    term per channel."""
+    t, p, o = a.shape[1], a.shape[-1], g.shape[-1]
+    if a.ndim == 4:
+        grad = jnp.einsum('btck,btc->bck', a, g)
+        per = jnp.sum(jnp.square(grad), axis=(1, 2))
+    elif p * o <= t * t:
         grad = jnp.einsum('btp,bto->bpo', a, g)
         per = jnp.sum(jnp.square(grad), axis=(1, 2))
     else:
@@ -339,24 +343,17 @@ def layer_factors(
     t = a.shape[1]
     w, norm = _example_weights(b, weights, a.dtype)
     if spec.kind == 'depthwise':
-        c = gm.shape[-1]
-        a = a.reshape(b, t, c, -1)
-        if has_bias:
-            a = _with_ones(a)
-        A = jnp.einsum('b,btck,btcl->ckl', w, a, a) / (norm * t)
-        S = jnp.einsum('b,btc,btc->c', w, gm, gm) / norm
-        out = {'A': A, 'S': S}
-        if with_trace:
-            per = jnp.sum(
-                jnp.square(jnp.einsum('btck,btc->bck', a, gm)), axis=(1, 2)
-            )
-            out['trace'] = jnp.sum(w * per) / norm
-        return out
+        # One (k, k) factor A_c and one number S_c per channel c.
+        a = a.reshape(b, t, gm.shape[-1], -1)
+        a_sub, s_sub = 'b,btck,btcl->ckl', 'b,btc,btc->c'
+    else:
+        a_sub, s_sub = 'b,btp,btq->pq', 'b,bto,btp->op'
     if has_bias:
         a = _with_ones(a)
-    A = jnp.einsum('b,btp,btq->pq', w, a, a) / (norm * t)
-    S = jnp.einsum('b,bto,btp->op', w, gm, gm) / norm
-    out = {'A': A, 'S': S}
+    out = {
+        'A': jnp.einsum(a_sub, w, a, a) / (norm * t),
+        'S': jnp.einsum(s_sub, w, gm, gm) / norm,
+    }
     if with_trace:
         out['trace'] = _per_example_trace(a, gm, w, norm)
     return out
@@ -388,7 +385,8 @@ def pseudo_residual(
     """∂ℓ/∂f for pseudo-targets drawn from the model's predictive distribution.
 
     MSE: ỹ ~ N(f, I), so f − ỹ = −ε with ε ~ N(0, I) (the sign does not matter
-    for second moments). Cross-entropy: ỹ ~ softmax(f), so ∂ℓ/∂f = p − onehot(ỹ).
+    for second moments). Cross-entropy: ỹ ~ softmax(f), so
+    ∂ℓ/∂f = p − onehot(ỹ).
     Inactive outputs (class_mask 0) are not part of the loss and get 0.
 
     Row i draws from `fold_in(rng, offset + i)`, so with `offset` the global

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 import flax.struct
 import jax
@@ -91,7 +91,7 @@ class KroneckerCurvature(flax.struct.PyTreeNode):
         return curv_lib.accumulate(self, new, num_tasks)
 
     def as_dict(self) -> dict:
-        """{'layers': ..., 'head': ...}, the layout of `dlcft_jax.regularizer`."""
+        """{'layers': ..., 'head': ...}: `dlcft_jax.regularizer`'s layout."""
         return {'layers': self.layers, 'head': self.head}
 
     def quadratic(self, delta: Params) -> jax.Array:
@@ -133,7 +133,7 @@ class DiagonalCurvature(flax.struct.PyTreeNode):
         return jax.tree.map(jnp.multiply, self.diag, delta)
 
 
-Curvature = Union[KroneckerCurvature, DiagonalCurvature]
+Curvature = KroneckerCurvature | DiagonalCurvature
 
 
 # ----------------------------------------------------------------------------
@@ -234,16 +234,18 @@ def _diagonal(state, batch, objective, stat, head, axis_name):
 
 
 @dataclasses.dataclass(frozen=True)
-class EWC:
-    """Diagonal of the true Fisher with labels sampled from the model.
+class _DiagonalKind:
+    """A diagonal kind: E_n[stat(∂ objective_n/∂θ)] over a batch.
+
+    A subclass gives `stat` and `objective(state, batch, rng, axis_name)`,
+    which returns the per-example scalar `fn(logits (C,), mask (C,), n)`
+    (see `_diagonal`).
 
     Attributes:
       head: include the head (False: task-IL).
     """
 
     head: bool = True
-
-    name = 'ewc'
 
     def batch(
         self,
@@ -253,11 +255,27 @@ class EWC:
         *,
         axis_name: str | None = None,
     ) -> DiagonalCurvature:
-        """E_n[(∂ log p(ỹ_n | x_n)/∂θ)²], ỹ_n ~ p(·|x_n), for one batch.
+        """The diagonal of one batch at the current parameters (pure)."""
+        objective = self.objective(state, batch, rng, axis_name)
+        return _diagonal(
+            state, batch, objective, self.stat, self.head, axis_name
+        )
 
-        Example n draws from `fold_in(rng, global index of n)`, so the draws
-        do not depend on how the batch is split over devices.
-        """
+
+@dataclasses.dataclass(frozen=True)
+class EWC(_DiagonalKind):
+    """Diagonal of the true Fisher with labels sampled from the model.
+
+    E_n[(∂ log p(ỹ_n | x_n)/∂θ)²], ỹ_n ~ p(·|x_n). Example n draws from
+    `fold_in(rng, global index of n)`, so the draws do not depend on how the
+    batch is split over devices.
+    """
+
+    name = 'ewc'
+    stat = staticmethod(jnp.square)
+
+    def objective(self, state, batch, rng, axis_name):
+        """−log p(ỹ_n | x_n) with ỹ_n drawn from the model."""
         from dlcft_jax import losses  # pylint: disable=g-import-not-at-top
 
         n = batch['image'].shape[0]
@@ -277,42 +295,28 @@ class EWC:
             y = jax.random.categorical(keys[i], jax.lax.stop_gradient(ml))
             return -jax.nn.log_softmax(ml)[y]
 
-        return _diagonal(
-            state, batch, neg_log_lik, jnp.square, self.head, axis_name
-        )
+        return neg_log_lik
 
 
 @dataclasses.dataclass(frozen=True)
-class MAS:
-    """Memory-aware synapses: Ω = E_n |∂‖f(x_n)‖²/∂θ| (active outputs).
-
-    Attributes:
-      head: include the head (False: task-IL).
-    """
-
-    head: bool = True
+class MAS(_DiagonalKind):
+    """Memory-aware synapses: Ω = E_n |∂‖f(x_n)‖²/∂θ| (active outputs)."""
 
     name = 'mas'
+    stat = staticmethod(jnp.abs)
 
-    def batch(
-        self,
-        state,
-        batch: Batch,
-        rng: jax.Array,
-        *,
-        axis_name: str | None = None,
-    ) -> DiagonalCurvature:
-        """E_n |∂‖f(x_n)‖²/∂θ| for one batch (`rng` is unused)."""
-        del rng
+    def objective(self, state, batch, rng, axis_name):
+        """‖f(x_n)‖² over the active outputs (`rng` is unused)."""
+        del state, batch, rng, axis_name
 
         def sq_norm(logits, m, i):
             del i
             return jnp.sum(m * jnp.square(logits))
 
-        return _diagonal(state, batch, sq_norm, jnp.abs, self.head, axis_name)
+        return sq_norm
 
 
-CurvatureKind = Union[KFAC, EWC, MAS]
+CurvatureKind = KFAC | EWC | MAS
 
 #: Kinds by the names that `MethodConfig.regularizer` accepts.
 KINDS = {

@@ -36,8 +36,8 @@ def _check(logits: jax.Array, labels: jax.Array) -> None:
         or labels.shape[0] != logits.shape[0]
     ):
         raise ValueError(
-            f'Expected logits (B, C) and integer labels (B,), got {logits.shape} '
-            f'and {labels.shape}.'
+            'Expected logits (B, C) and integer labels (B,), got '
+            f'{logits.shape} and {labels.shape}.'
         )
 
 
@@ -125,18 +125,22 @@ def cross_entropy_loss(
     )
 
 
+def _cross_entropy_fn(
+    logits, labels, *, alpha=ALPHA, class_mask=None, weights=None
+):
+    """`cross_entropy_loss` with the arguments of `mse_loss` (alpha unused)."""
+    del alpha
+    return cross_entropy_loss(
+        logits, labels, class_mask=class_mask, weights=weights
+    )
+
+
 def loss_fn(name: str):
     """Returns `fn(logits, labels, *, alpha, class_mask, weights)` by name."""
     if name == 'mse':
         return mse_loss
     if name in ('ce', 'sce', 'cross_entropy'):
-        return (
-            lambda logits, labels, *, alpha=ALPHA, class_mask=None, weights=None: (
-                cross_entropy_loss(
-                    logits, labels, class_mask=class_mask, weights=weights
-                )
-            )
-        )
+        return _cross_entropy_fn
     raise ValueError(f"loss must be 'mse' or 'ce', got {name!r}.")
 
 
@@ -147,6 +151,7 @@ def accuracy(
     class_mask: jax.Array | None = None,
     weights: jax.Array | None = None,
 ) -> jax.Array:
-    """Fraction of examples whose arg-max over the active outputs is the label."""
+    """Fraction of examples whose arg-max over the active outputs is the
+    label."""
     pred = jnp.argmax(masked_logits(logits, class_mask), axis=-1)
     return _mean((pred == labels).astype(jnp.float32), weights)

@@ -46,7 +46,8 @@ def pmap_step(
     axis_name: str = AXIS,
     donate: bool = True,
 ) -> Callable[..., Any]:
-    """`jax.pmap` of `step_fn(state, batch, axis_name=...)` over local devices."""
+    """`jax.pmap` of `step_fn(state, batch, axis_name=...)` over the local
+    devices."""
     return jax.pmap(
         functools.partial(step_fn, axis_name=axis_name),
         axis_name=axis_name,
@@ -60,7 +61,8 @@ def shard_map_step(
     axis_name: str = AXIS,
     donate: bool = True,
 ) -> Callable[..., Any]:
-    """`jax.jit(jax.shard_map(step_fn))`: replicated state, batch split on axis 0."""
+    """`jax.jit(jax.shard_map(step_fn))`: replicated state, batch split on
+    axis 0."""
     fn = jax.shard_map(
         functools.partial(step_fn, axis_name=axis_name),
         mesh=mesh,

@@ -279,17 +279,8 @@ def ranpac_features(state: RanPACState, z) -> np.ndarray:
 def ranpac_update(state: RanPACState, z, labels) -> RanPACState:
     """Adds the examples (z, labels) to G and Q.
 
-    Args:
-      state: The current state.
-      z: (N, D) backbone features.
-      labels: (N,) integer labels in [0, C).
-
-    Returns:
-      The new state; `state` is left unchanged.
-
-    Raises:
-      ValueError: On a feature-dim mismatch, non-finite features, or labels of
-        the wrong shape, dtype or range.
+    Arguments, result and errors as in `ncm_update`, with z the (N, D)
+    backbone features: a new state is returned and `state` is left unchanged.
     """
     h = ranpac_features(state, z)
     num_classes = state.cross.shape[1]

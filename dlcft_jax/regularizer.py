@@ -210,7 +210,7 @@ def dense_penalty_matrix(
     blocks = []
     backbone = params['backbone']
     prefix = ('params',) if 'params' in backbone else ()
-    for key, f in curvature['layers'].items():
+    for f in curvature['layers'].values():
         m = curv_lib.kfac_dense_matrix(f)
         if restricted:
             A, S = np.asarray(f['A']), np.asarray(f['S'])

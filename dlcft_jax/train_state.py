@@ -150,7 +150,8 @@ class MethodConfig:
             ),
             (
                 self.schedule in ('linear', 'constant'),
-                f"schedule must be 'linear' or 'constant', got {self.schedule!r}",
+                "schedule must be 'linear' or 'constant', got "
+                f'{self.schedule!r}',
             ),
             (self.learning_rate > 0, 'learning_rate must be > 0'),
             (

@@ -93,6 +93,21 @@ DEFAULT_NPZ_DIR = Path(__file__).resolve().parent / 'data' / 'cifar10_5x2'
 Params = Any
 ApplyFn = Callable[..., jax.Array]
 
+#: The lists of a run (`fine_tune_and_record`), one entry per record.
+RECORD_KEYS = (
+    'steps',
+    'train_loss',
+    'train_accuracy',
+    'head_trace',
+    'head_trace_A',
+    'head_trace_S',
+    'head_top_k',
+    'layer_trace',
+    'layer_trace_A',
+    'layer_trace_S',
+    'layer_top_k',
+)
+
 
 # ---------------------------------------------------------------------------
 # Spectra of Kronecker blocks.
@@ -300,10 +315,8 @@ def fine_tune_and_record(
       log: called with a progress line at each record.
 
     Returns:
-      {'loss', 'layer', 'layer_kind', 'steps', 'train_loss',
-      'train_accuracy', 'head_trace', 'head_trace_A', 'head_trace_S',
-      'head_top_k', 'layer_trace', 'layer_trace_A', 'layer_trace_S',
-      'layer_top_k'}: lists with one entry per record.
+      {'loss', 'layer', 'layer_kind'} and the lists of RECORD_KEYS, with one
+      entry per record.
     """
     lib_loss = dict(LOSSES)[loss]
     config = dj.MethodConfig(
@@ -343,22 +356,7 @@ def fine_tune_and_record(
     rng = jax.random.key(seed)
     batches = _batch_order(len(labels), batch_size, steps, seed)
     records = set(record_steps(steps, every))
-    out: dict[str, Any] = {
-        name: []
-        for name in (
-            'steps',
-            'train_loss',
-            'train_accuracy',
-            'head_trace',
-            'head_trace_A',
-            'head_trace_S',
-            'head_top_k',
-            'layer_trace',
-            'layer_trace_A',
-            'layer_trace_S',
-            'layer_top_k',
-        )
-    }
+    out: dict[str, Any] = {name: [] for name in RECORD_KEYS}
     for k in range(steps + 1):
         if k in records:
             point = lin.shift(state.params0, state.params['backbone'])
@@ -545,7 +543,7 @@ def plot(result: dict, path: str | os.PathLike[str]) -> None:
         'head': 'head: A_head ⊗ S_head',
         'layer': f'backbone layer {result["layer"]}: A ⊗ S',
     }
-    for ax, block in zip(axes, ('head', 'layer')):
+    for ax, block in zip(axes, ('head', 'layer'), strict=True):
         for name, run in result['losses'].items():
             steps = run['steps']
             ax.plot(
@@ -612,7 +610,8 @@ def summary_table(result: dict) -> str:
     rows.insert(0, header)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
-        '  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows
+        '  '.join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in rows
     ]
     runs = result['losses']
     if {'sce', 'mse'} <= set(runs):
@@ -629,87 +628,71 @@ def summary_table(result: dict) -> str:
 # Command line.
 # ---------------------------------------------------------------------------
 
-_BACKBONE = None  # set by define_flags()
-_IMAGE_SIZE = None  # set by define_flags()
-_NPZ_DIR = None  # set by define_flags()
-_STEPS = None  # set by define_flags()
-_EVERY = None  # set by define_flags()
-_BATCH_SIZE = None  # set by define_flags()
-_SEED = None  # set by define_flags()
-_LR = None  # set by define_flags()
-_WD = None  # set by define_flags()
-_CLIP = None  # set by define_flags()
-_CURV_BATCHES = None  # set by define_flags()
-_CURV_BATCH_SIZE = None  # set by define_flags()
-_LAYER = None  # set by define_flags()
-_TOP_K = None  # set by define_flags()
-_HEAD_INIT = None  # set by define_flags()
-_OUT = None  # set by define_flags()
+FLAGS = flags.FLAGS
+
+# The `run_spectrum` arguments that come from the flags of the same names
+# (and are recorded in spectrum.json with them).
+_RUN_FLAGS = (
+    'steps',
+    'every',
+    'batch_size',
+    'seed',
+    'learning_rate',
+    'weight_decay',
+    'clip_norm',
+    'curvature_batches',
+    'curvature_batch_size',
+    'top_k',
+    'head_init',
+)
 
 
 def define_flags() -> None:
     """Defines the command-line flags (only when run as a program, so that
     importing this module next to another absl program defines nothing)."""
-    global \
-        _BACKBONE, \
-        _IMAGE_SIZE, \
-        _NPZ_DIR, \
-        _STEPS, \
-        _EVERY, \
-        _BATCH_SIZE, \
-        _SEED, \
-        _LR, \
-        _WD, \
-        _CLIP, \
-        _CURV_BATCHES, \
-        _CURV_BATCH_SIZE, \
-        _LAYER, \
-        _TOP_K, \
-        _HEAD_INIT, \
-        _OUT
-    _BACKBONE = flags.DEFINE_enum(
+    flags.DEFINE_enum(
         'backbone',
         'efficientnet_lite0',
         ['efficientnet_lite0', 'small_cnn'],
-        'efficientnet_lite0 (ImageNet weights) or small_cnn (tiny, random; tests).',
+        'efficientnet_lite0 (ImageNet weights) or small_cnn (tiny, random; '
+        'tests).',
     )
-    _IMAGE_SIZE = flags.DEFINE_integer('image_size', 32, 'Input resolution.')
-    _NPZ_DIR = flags.DEFINE_string(
+    flags.DEFINE_integer('image_size', 32, 'Input resolution.')
+    flags.DEFINE_string(
         'npz_dir',
         None,
-        'Folder with train.npz (image uint8 NHWC, label); default: the committed '
-        'CIFAR-10 subset experiments/data/cifar10_5x2.',
+        'Folder with train.npz (image uint8 NHWC, label); default: the '
+        'committed CIFAR-10 subset experiments/data/cifar10_5x2.',
     )
-    _STEPS = flags.DEFINE_integer('steps', 300, 'Fine-tuning steps per loss.')
-    _EVERY = flags.DEFINE_integer('every', 50, 'Record every this many steps.')
-    _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Training batch size.')
-    _SEED = flags.DEFINE_integer('seed', 0, 'Batch order and pseudo-targets.')
-    _LR = flags.DEFINE_float('learning_rate', 1e-4, 'Adam learning rate.')
-    _WD = flags.DEFINE_float('weight_decay', 1e-5, 'Coupled L2 coefficient.')
-    _CLIP = flags.DEFINE_float(
-        'clip_norm', 1.0, 'Global-norm clipping (0: off).'
-    )
-    _CURV_BATCHES = flags.DEFINE_integer(
+    flags.DEFINE_integer('steps', 300, 'Fine-tuning steps per loss.')
+    flags.DEFINE_integer('every', 50, 'Record every this many steps.')
+    flags.DEFINE_integer('batch_size', 32, 'Training batch size.')
+    flags.DEFINE_integer('seed', 0, 'Batch order and pseudo-targets.')
+    flags.DEFINE_float('learning_rate', 1e-4, 'Adam learning rate.')
+    flags.DEFINE_float('weight_decay', 1e-5, 'Coupled L2 coefficient.')
+    flags.DEFINE_float('clip_norm', 1.0, 'Global-norm clipping (0: off).')
+    flags.DEFINE_integer(
         'curvature_batches', 8, 'Batches the curvature is averaged over.'
     )
-    _CURV_BATCH_SIZE = flags.DEFINE_integer(
+    flags.DEFINE_integer(
         'curvature_batch_size', None, 'Their size (default: --batch_size).'
     )
-    _LAYER = flags.DEFINE_string(
+    flags.DEFINE_string(
         'layer',
         None,
         "The backbone layer's key, e.g. head_conv or blocks_15/project_conv "
         '(default: the last conv / dense layer).',
     )
-    _TOP_K = flags.DEFINE_integer('top_k', 10, 'Eigenvalues kept per block.')
-    _HEAD_INIT = flags.DEFINE_enum(
+    flags.DEFINE_integer('top_k', 10, 'Eigenvalues kept per block.')
+    flags.DEFINE_enum(
         'head_init',
         'torch',
         ['torch', 'zeros'],
-        'Initial head: torch (uniform in +-1/sqrt(D), a fresh nn.Linear) or zeros '
-        "(the library's default; the layer's curvature then starts at 0).",
+        'Initial head: torch (uniform in +-1/sqrt(D), a fresh nn.Linear) or '
+        "zeros (the library's default; the layer's curvature then starts at "
+        '0).',
     )
-    _OUT = flags.DEFINE_string(
+    flags.DEFINE_string(
         'out', 'runs/curvature_spectrum', 'Folder for spectrum.json / .png.'
     )
 
@@ -732,61 +715,44 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     logging.set_verbosity(logging.WARNING)
     t0 = time.time()
-    npz_dir = _NPZ_DIR.value or str(DEFAULT_NPZ_DIR)
+    npz_dir = FLAGS.npz_dir or str(DEFAULT_NPZ_DIR)
     try:
         images, labels = data_lib.load_npz(npz_dir, 'train')
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
-    apply_fn, variables = build(_BACKBONE.value, _IMAGE_SIZE.value, _SEED.value)
+    apply_fn, variables = build(FLAGS.backbone, FLAGS.image_size, FLAGS.seed)
     print(
-        f'{_BACKBONE.value} at {_IMAGE_SIZE.value} px, {len(labels)} training '
+        f'{FLAGS.backbone} at {FLAGS.image_size} px, {len(labels)} training '
         f'images of {int(labels.max()) + 1} classes from {npz_dir}; '
-        f'{_STEPS.value} steps per loss, a record every {_EVERY.value}.'
+        f'{FLAGS.steps} steps per loss, a record every {FLAGS.every}.'
     )
+    settings = {name: getattr(FLAGS, name) for name in _RUN_FLAGS}
     try:
         result = run_spectrum(
             apply_fn,
             variables,
             images,
             labels,
-            steps=_STEPS.value,
-            every=_EVERY.value,
-            batch_size=_BATCH_SIZE.value,
-            seed=_SEED.value,
-            learning_rate=_LR.value,
-            weight_decay=_WD.value,
-            clip_norm=_CLIP.value,
-            curvature_batches=_CURV_BATCHES.value,
-            curvature_batch_size=_CURV_BATCH_SIZE.value,
-            layer=_LAYER.value,
-            top_k=_TOP_K.value,
-            head_init=_HEAD_INIT.value,
+            **settings,
+            layer=FLAGS.layer,
             log=lambda line: print(line, flush=True),
         )
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
-    out = Path(_OUT.value)
+    out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
+    curvature_batch_size = FLAGS.curvature_batch_size or FLAGS.batch_size
     result = {
         'flags': {
-            'backbone': _BACKBONE.value,
-            'image_size': _IMAGE_SIZE.value,
+            'backbone': FLAGS.backbone,
+            'image_size': FLAGS.image_size,
             'npz_dir': npz_dir,
-            'steps': _STEPS.value,
-            'every': _EVERY.value,
-            'batch_size': _BATCH_SIZE.value,
-            'seed': _SEED.value,
-            'learning_rate': _LR.value,
+            **settings,
+            'curvature_batch_size': curvature_batch_size,
             'schedule': 'constant',
-            'weight_decay': _WD.value,
-            'clip_norm': _CLIP.value,
             'alpha': dj.MethodConfig().alpha,
-            'curvature_batches': _CURV_BATCHES.value,
-            'curvature_batch_size': _CURV_BATCH_SIZE.value or _BATCH_SIZE.value,
-            'top_k': _TOP_K.value,
-            'head_init': _HEAD_INIT.value,
         },
         **result,
     }

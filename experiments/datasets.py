@@ -465,7 +465,7 @@ def _load_mit67(
             arrays = None
     if arrays is None:
         arrays = {}
-        for split, list_path in zip(('train', 'test'), list_paths):
+        for split, list_path in zip(('train', 'test'), list_paths, strict=True):
             entries = _read_split_list(list_path)
             unknown = sorted({e.split('/')[0] for e in entries} - set(classes))
             if unknown:

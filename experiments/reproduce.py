@@ -354,7 +354,9 @@ def cells(tables: Sequence[Table] = TABLES) -> list[Cell]:
             extra = {}
             for i, note in row.cell_notes:
                 extra.setdefault(i, []).append(note)
-            for i, (column, value) in enumerate(zip(table.columns, row.paper)):
+            for i, (column, value) in enumerate(
+                zip(table.columns, row.paper, strict=True)
+            ):
                 if value is None:
                     continue
                 benchmark = override.get(i, column.benchmark)
@@ -693,6 +695,16 @@ def _md_escape(text: str) -> str:
     return text.replace('|', '\\|')
 
 
+def _tag(notes: Iterable[str], letters: dict[str, str]) -> str:
+    """' [a,c]': the letters of `notes`; a new note gets the next letter."""
+    out = []
+    for n in notes:
+        if n not in letters:
+            letters[n] = 'abcdefghijklmnopqrstuvwxyz'[len(letters)]
+        out.append(letters[n])
+    return f' [{",".join(out)}]' if out else ''
+
+
 def tables_markdown(
     runs: Sequence[RunResult],
     problems: Sequence[str] = (),
@@ -715,15 +727,6 @@ def tables_markdown(
     ]
     for table in tables:
         letters: dict[str, str] = {}
-
-        def tag(notes: Iterable[str]) -> str:
-            out = []
-            for n in notes:
-                if n not in letters:
-                    letters[n] = 'abcdefghijklmnopqrstuvwxyz'[len(letters)]
-                out.append(letters[n])
-            return f' [{",".join(out)}]' if out else ''
-
         header = ['method']
         for c in table.columns:
             header += [f'{c.label}: paper', 'ours', 'Δ']
@@ -740,7 +743,7 @@ def tables_markdown(
         for cell in cells([table]):
             row_cells[(cell.row.label, cell.index)] = cell
         for row in table.rows:
-            out = [_md_escape(row.label + tag(row.notes))]
+            out = [_md_escape(row.label + _tag(row.notes, letters))]
             cell_extra = dict(row.cell_notes)
             for i, value in enumerate(row.paper):
                 if value is None:
@@ -750,7 +753,7 @@ def tables_markdown(
                 v = cell_value(value, by_key.get(cell.run, []))
                 paper = _fmt(value)
                 if i in cell_extra:
-                    paper += tag([cell_extra[i]])
+                    paper += _tag([cell_extra[i]], letters)
                 out += [paper, _md_escape(v.ours), v.diff]
             lines.append('| ' + ' | '.join(out) + ' |')
         if letters:
@@ -825,57 +828,41 @@ def write_tables(paths: Sequence[str], out: str) -> str:
 # Command line.
 # ---------------------------------------------------------------------------
 
-_PLAN = None  # set by define_flags()
-_RUNS = None  # set by define_flags()
-_OUT = None  # set by define_flags()
-_RUNS_ROOT = None  # set by define_flags()
-_BACKBONE_CIFAR = None  # set by define_flags()
-_BACKBONE_MIT67 = None  # set by define_flags()
-_MIT67_DIR = None  # set by define_flags()
-_SEEDS = None  # set by define_flags()
+FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     """Defines the command-line flags (only when run as a program, so that
     importing this module next to another absl program defines nothing)."""
-    global \
-        _PLAN, \
-        _RUNS, \
-        _OUT, \
-        _RUNS_ROOT, \
-        _BACKBONE_CIFAR, \
-        _BACKBONE_MIT67, \
-        _MIT67_DIR, \
-        _SEEDS
-    _PLAN = flags.DEFINE_bool(
+    flags.DEFINE_bool(
         'plan', False, 'Print the preparation and the command of every cell.'
     )
-    _RUNS = flags.DEFINE_multi_string(
+    flags.DEFINE_multi_string(
         'runs',
         None,
         'Run directories, results.json files or folders searched recursively '
         '(`--runs A B C` or `--runs A --runs B`); default: --runs_root.',
     )
-    _OUT = flags.DEFINE_string(
+    flags.DEFINE_string(
         'out', None, 'Markdown file to write (default: RUNS_ROOT/tables.md).'
     )
-    _RUNS_ROOT = flags.DEFINE_string(
+    flags.DEFINE_string(
         'runs_root', 'runs/paper', 'Folder of the run directories.'
     )
-    _BACKBONE_CIFAR = flags.DEFINE_string(
+    flags.DEFINE_string(
         'backbone_cifar',
         None,
         'backbone.npz of experiments.pretrain (fills CIFAR_BACKBONE).',
     )
-    _BACKBONE_MIT67 = flags.DEFINE_string(
+    flags.DEFINE_string(
         'backbone_mit67',
         None,
         'ResNet-18 .pth or backbone.npz for MIT-67 (fills MIT67_BACKBONE).',
     )
-    _MIT67_DIR = flags.DEFINE_string(
+    flags.DEFINE_string(
         'mit67_dir', None, 'The MIT Indoor-67 folder (fills MIT67_DIR).'
     )
-    _SEEDS = flags.DEFINE_list(
+    flags.DEFINE_list(
         'seeds',
         [],
         'Seeds: one command per seed (--config.seed=S, workdir suffix -seedS); '
@@ -885,27 +872,28 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     extra = list(argv[1:])
-    if extra and not _RUNS.present:
+    runs_given = FLAGS['runs'].present
+    if extra and not runs_given:
         raise app.UsageError(f'Unexpected arguments: {extra}')
     try:
-        seeds = [int(s) for s in _SEEDS.value]
+        seeds = [int(s) for s in FLAGS.seeds]
     except ValueError as e:
         raise app.UsageError(f'--seeds must be integers: {e}') from e
-    if _PLAN.value:
+    if FLAGS.plan:
         print(
             plan_text(
-                _RUNS_ROOT.value,
-                backbone_cifar=_BACKBONE_CIFAR.value,
-                backbone_mit67=_BACKBONE_MIT67.value,
-                mit67_dir=_MIT67_DIR.value,
+                FLAGS.runs_root,
+                backbone_cifar=FLAGS.backbone_cifar,
+                backbone_mit67=FLAGS.backbone_mit67,
+                mit67_dir=FLAGS.mit67_dir,
                 seeds=seeds,
             ),
             end='',
         )
-    if _PLAN.value and not (_RUNS.present or _OUT.present):
+    if FLAGS.plan and not (runs_given or FLAGS['out'].present):
         return
-    paths = (list(_RUNS.value or []) + extra) or [_RUNS_ROOT.value]
-    out = _OUT.value or os.path.join(_RUNS_ROOT.value, 'tables.md')
+    paths = (list(FLAGS.runs or []) + extra) or [FLAGS.runs_root]
+    out = FLAGS.out or os.path.join(FLAGS.runs_root, 'tables.md')
     try:
         written = write_tables(paths, out)
     except FileNotFoundError as e:

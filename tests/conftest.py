@@ -5,7 +5,7 @@
   variable ``DLCFT_JAX_TEST_CACHE`` (default ``~/.cache/dlcft_jax/xla_tests``).
   The same settings are exported as ``JAX_*`` environment variables, so test
   subprocesses (e.g. the multi-device tests) use the cache too.
-* Provides the ``repo_root`` and ``shared_dir`` fixtures.
+* Provides the ``repo_root``, ``run_module`` and ``shared_dir`` fixtures.
 
 XLA_FLAGS is deliberately not touched here: tests that need several host
 devices set it themselves in a subprocess.
@@ -14,6 +14,8 @@ devices set it themselves in a subprocess.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +88,28 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def run_module(repo_root: Path):
+    """``run_module('experiments.run', '--flag=x', timeout=300)``: runs
+    ``python -m`` on a module in the repository root and returns the
+    ``CompletedProcess``, text output captured (no check of the exit code)."""
+
+    def run(module: str, *args: str, timeout: float = 300):
+        return subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def shared_dir(repo_root: Path) -> Path:
-    """The project's ``shared/`` folder beside the repository; skips if absent."""
+    """The project's ``shared/`` folder beside the repository; skips if
+    absent."""
     path = repo_root.parent / "shared"
     if not path.is_dir():
         pytest.skip(

@@ -49,8 +49,11 @@ from dlcft_jax.models import resnet as resnet_lib  # noqa: E402
 _LOGIT_ATOL = 1e-4
 
 
-class _BasicBlock(nn.Module):
-    """torchvision.models.resnet.BasicBlock (same attribute names)."""
+class _Block(nn.Module):
+    """A torchvision residual block: relu(branch(x) + identity).
+
+    Subclasses add the branch's convs and BNs under torchvision's names.
+    """
 
     expansion = 1
 
@@ -62,48 +65,49 @@ class _BasicBlock(nn.Module):
         act: Callable[[], nn.Module],
     ):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.add_branch(inplanes, planes, stride)
         self.relu = act()
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = _downsample(inplanes, planes, stride)
+        out = planes * self.expansion
+        self.downsample = _downsample(inplanes, out, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.branch(x) + identity)
+
+
+class _BasicBlock(_Block):
+    """torchvision.models.resnet.BasicBlock (same attribute names)."""
+
+    expansion = 1
+
+    def add_branch(self, inplanes: int, planes: int, stride: int) -> None:
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.bn2(self.conv2(out))
 
 
-class _Bottleneck(nn.Module):
+class _Bottleneck(_Block):
     """torchvision.models.resnet.Bottleneck (v1.5: stride in the 3x3)."""
 
     expansion = 4
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int,
-        act: Callable[[], nn.Module],
-    ):
-        super().__init__()
+    def add_branch(self, inplanes: int, planes: int, stride: int) -> None:
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = act()
-        self.downsample = _downsample(inplanes, planes * 4, stride)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self.bn3(self.conv3(out))
 
 
 def _downsample(inplanes: int, out: int, stride: int) -> nn.Module | None:
@@ -136,7 +140,7 @@ class _TorchResNet(nn.Module):
         self.relu = act()
         self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(3, 2, 1)
         inplanes = widths[0]
-        for i, (n, width) in enumerate(zip(layers, widths)):
+        for i, (n, width) in enumerate(zip(layers, widths, strict=True)):
             blocks = []
             for j in range(n):
                 stride = 2 if i > 0 and j == 0 else 1
@@ -422,11 +426,15 @@ def test_load_resnet_cache_round_trip(checkpoints, tmp_path, monkeypatch):
     cached = convert_torch.load_resnet(pth, cache_dir=cache)
     want = jax.tree.map(np.asarray, (variables, head))
     assert jax.tree.structure(cached) == jax.tree.structure(want)
-    for a, b in zip(jax.tree.leaves(cached), jax.tree.leaves(want)):
+    for a, b in zip(
+        jax.tree.leaves(cached), jax.tree.leaves(want), strict=True
+    ):
         assert a.dtype == b.dtype and np.array_equal(a, b)
     monkeypatch.undo()
     # Same tensors in another file format: same conversion, own cache entry.
     from_st = convert_torch.load_resnet(st, cache_dir=cache)
-    for a, b in zip(jax.tree.leaves(from_st), jax.tree.leaves(want)):
+    for a, b in zip(
+        jax.tree.leaves(from_st), jax.tree.leaves(want), strict=True
+    ):
         assert np.array_equal(a, b)
     assert len(list(cache.iterdir())) == 2

@@ -46,7 +46,8 @@ def test_head_curvature_equals_hessian_of_mse_including_absent_classes():
 
 
 def test_grown_head_penalty_is_the_old_loss_over_the_grown_head():
-    """New rows, anchored at 0, get the old data's exact curvature (target 0)."""
+    """New rows, anchored at 0, get the old data's exact curvature (target
+    0)."""
     with jax.enable_x64(True):
         rng = np.random.default_rng(1)
         d, c_old, c_new, b = 4, 3, 2, 32
@@ -105,7 +106,10 @@ def _layer_setup(name, rng):
         x = rng.normal(size=(b, c_in))
         kernel = rng.normal(size=(c_in, 5))
         spec = cv.LayerSpec('dense')
-        conv = lambda x, k: x @ k
+
+        def conv(x, k):
+            return x @ k
+
     else:
         x = rng.normal(size=(b, 6, 5, c_in))
         c_out = c_in if name == 'depthwise' else 5
@@ -121,14 +125,17 @@ def _layer_setup(name, rng):
             (1, 1),
         )
         groups = c_in if name == 'depthwise' else 1
-        conv = lambda x, k: jax.lax.conv_general_dilated(
-            x,
-            k,
-            spec.strides,
-            spec.padding,
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-            feature_group_count=groups,
-        )
+
+        def conv(x, k):
+            return jax.lax.conv_general_dilated(
+                x,
+                k,
+                spec.strides,
+                spec.padding,
+                dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                feature_group_count=groups,
+            )
+
     return x, kernel, spec, conv
 
 
@@ -228,11 +235,10 @@ def test_kfac_penalty_equals_explicit_kronecker_form(
         # Exact per-example trace of the Fisher: mean_n ‖∂ℓ_n/∂K‖².
         per_ex = []
         for n in range(b):
-            gk = jax.grad(
-                lambda k: jnp.vdot(
-                    conv(jnp.asarray(x[n : n + 1]), k), g[n : n + 1]
-                )
-            )(jnp.asarray(kernel))
+            xn, gn = jnp.asarray(x[n : n + 1]), g[n : n + 1]
+            gk = jax.grad(lambda k, xn=xn, gn=gn: jnp.vdot(conv(xn, k), gn))(
+                jnp.asarray(kernel)
+            )
             sq = float(jnp.sum(gk**2))
             if has_bias:
                 sq += float(
@@ -348,7 +354,8 @@ def test_batch_statistics_are_those_of_the_linearized_network(impl, dw_bias):
 
 
 def test_mse_pseudo_residual_gives_the_gauss_newton_factor():
-    """For a dense head-like layer, S averaged over many pseudo-targets → WᵀW."""
+    """For a dense head-like layer, S averaged over many pseudo-targets →
+    WᵀW."""
     r = cv.pseudo_residual(
         jnp.zeros((20000, 3)), jax.random.key(0), 'mse', None
     )

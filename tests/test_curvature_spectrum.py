@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -16,22 +13,6 @@ import pytest
 from dlcft_jax import curvature as curv_lib
 from dlcft_jax import linearization as lin
 from experiments import curvature_spectrum as cs
-
-_REPO = Path(__file__).resolve().parents[1]
-
-_KEYS = (
-    'steps',
-    'train_loss',
-    'train_accuracy',
-    'head_trace',
-    'head_trace_A',
-    'head_trace_S',
-    'head_top_k',
-    'layer_trace',
-    'layer_trace_A',
-    'layer_trace_S',
-    'layer_top_k',
-)
 
 
 class _MLP(nn.Module):
@@ -116,9 +97,11 @@ def test_runs_are_deterministic_and_well_formed():
     for name in ('sce', 'mse'):
         run = a['losses'][name]
         assert run['steps'] == [0, 10, 20]
-        for key in _KEYS:
+        for key in cs.RECORD_KEYS:
             assert len(run[key]) == 3, key
-        for top, trace in zip(run['head_top_k'], run['head_trace']):
+        for top, trace in zip(
+            run['head_top_k'], run['head_trace'], strict=True
+        ):
             assert len(top) == 5 and top == sorted(top, reverse=True)
             assert top[0] >= 0 and sum(top) <= trace * (1 + 1e-9)
     # Same start: same network and head, so the same features (tr A) at step 0.
@@ -188,27 +171,19 @@ def test_one_layer_estimate_equals_the_full_estimator(loss):
         cs.layer_delta(delta, 'bn')
 
 
-def test_cli_small_cnn_writes_json_png_and_table(tmp_path, npz_dir):
+def test_cli_small_cnn_writes_json_png_and_table(tmp_path, npz_dir, run_module):
     out = tmp_path / 'spectrum'
-    proc = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'experiments.curvature_spectrum',
-            '--backbone=small_cnn',
-            '--image_size=16',
-            f'--npz_dir={npz_dir}',
-            '--steps=24',
-            '--every=8',
-            '--batch_size=16',
-            '--curvature_batches=2',
-            '--top_k=4',
-            f'--out={out}',
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=_REPO,
+    proc = run_module(
+        'experiments.curvature_spectrum',
+        '--backbone=small_cnn',
+        '--image_size=16',
+        f'--npz_dir={npz_dir}',
+        '--steps=24',
+        '--every=8',
+        '--batch_size=16',
+        '--curvature_batches=2',
+        '--top_k=4',
+        f'--out={out}',
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / 'spectrum.json').read_text())
@@ -220,7 +195,7 @@ def test_cli_small_cnn_writes_json_png_and_table(tmp_path, npz_dir):
     for name, run in result['losses'].items():
         assert run['loss'] == name and run['layer'] == 'fc'
         assert run['steps'] == [0, 8, 16, 24]
-        for key in _KEYS:
+        for key in cs.RECORD_KEYS:
             assert len(run[key]) == 4, key
         assert all(len(t) == 4 for t in run['head_top_k'] + run['layer_top_k'])
         assert all(v > 0 for v in run['head_trace'] + run['layer_trace'])
@@ -241,13 +216,15 @@ def test_cli_small_cnn_writes_json_png_and_table(tmp_path, npz_dir):
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
     # The printed table: first and last trace and their ratio per block.
     lines = proc.stdout.splitlines()
-    head = next(l for l in lines if l.startswith('loss'))
+    head = next(line for line in lines if line.startswith('loss'))
     assert 'trace @ step 0' in head and 'trace @ step 24' in head
-    row = next(l for l in lines if l.startswith('SCE') and ' head ' in l)
+    row = next(
+        line for line in lines if line.startswith('SCE') and ' head ' in line
+    )
     first, last, ratio = row.split()[2:5]
     np.testing.assert_allclose(float(first), sce['head_trace'][0], rtol=1e-4)
     np.testing.assert_allclose(float(last), sce['head_trace'][-1], rtol=1e-4)
     np.testing.assert_allclose(
         float(ratio), float(last) / float(first), rtol=1e-3
     )
-    assert any(l.startswith('MSE') and ' fc ' in l for l in lines)
+    assert any(line.startswith('MSE') and ' fc ' in line for line in lines)

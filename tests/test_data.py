@@ -36,45 +36,59 @@ def test_load_npz_from_dir_and_file(tmp_path):
         assert x.dtype == np.uint8 and y.dtype == np.int32
 
 
-def test_load_npz_errors(tmp_path):
+def test_load_npz_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match='test.npz'):
         data.load_npz(tmp_path, 'test')
-    np.savez(tmp_path / 'nolabel.npz', image=_random_images(2))
-    with pytest.raises(KeyError, match='label'):
-        data.load_npz(tmp_path / 'nolabel.npz', 'train')
-    np.savez(tmp_path / 'count.npz', image=_random_images(3), label=np.zeros(2))
-    with pytest.raises(ValueError, match='integer'):
-        data.load_npz(tmp_path / 'count.npz', 'train')
-    np.savez(
-        tmp_path / 'count2.npz',
-        image=_random_images(3),
-        label=np.zeros(2, np.int64),
-    )
-    with pytest.raises(ValueError, match='2 entries but there are 3 images'):
-        data.load_npz(tmp_path / 'count2.npz', 'train')
-    np.savez(
-        tmp_path / 'float.npz',
-        image=np.zeros((2, 4, 4, 3), np.float32),
-        label=np.zeros(2, np.int64),
-    )
-    with pytest.raises(ValueError, match='uint8'):
-        data.load_npz(tmp_path / 'float.npz', 'train')
-    np.savez(
-        tmp_path / 'nchw.npz',
-        image=np.zeros((2, 3, 4, 4), np.uint8),
-        label=np.zeros(2, np.int64),
-    )
-    with pytest.raises(ValueError, match='NHWC'):
-        data.load_npz(tmp_path / 'nchw.npz', 'train')
+
+
+@pytest.mark.parametrize(
+    'arrays,error,match',
+    [
+        ({'image': _random_images(2)}, KeyError, 'label'),
+        (
+            {'image': _random_images(3), 'label': np.zeros(2)},
+            ValueError,
+            'integer',
+        ),
+        (
+            {'image': _random_images(3), 'label': np.zeros(2, np.int64)},
+            ValueError,
+            '2 entries but there are 3 images',
+        ),
+        (
+            {
+                'image': np.zeros((2, 4, 4, 3), np.float32),
+                'label': np.zeros(2, np.int64),
+            },
+            ValueError,
+            'uint8',
+        ),
+        (
+            {
+                'image': np.zeros((2, 3, 4, 4), np.uint8),
+                'label': np.zeros(2, np.int64),
+            },
+            ValueError,
+            'NHWC',
+        ),
+    ],
+    ids=['no_label', 'float_label', 'count', 'float_image', 'nchw'],
+)
+def test_load_npz_errors(tmp_path, arrays, error, match):
+    np.savez(tmp_path / 'bad.npz', **arrays)
+    with pytest.raises(error, match=match):
+        data.load_npz(tmp_path / 'bad.npz', 'train')
 
 
 def test_committed_cifar10_subset_matches_readme():
-    readme = open(os.path.join(_SUBSET_DIR, 'README.md')).read()
+    with open(os.path.join(_SUBSET_DIR, 'README.md')) as f:
+        readme = f.read()
     total = 0
     for split, per_class in (('train', 300), ('test', 100)):
         path = os.path.join(_SUBSET_DIR, f'{split}.npz')
         total += os.path.getsize(path)
-        digest = hashlib.sha256(open(path, 'rb').read()).hexdigest()
+        with open(path, 'rb') as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
         assert re.search(rf'`{split}.npz`.*{digest}', readme), split
         images, labels = data.load_npz(_SUBSET_DIR, split)
         assert images.shape == (10 * per_class, 32, 32, 3)
@@ -103,7 +117,7 @@ def test_split_natural_order_is_disjoint_and_covers():
     joined = np.concatenate(indices)
     # Every example belongs to exactly one task.
     np.testing.assert_array_equal(np.sort(joined), np.arange(labels.size))
-    for t, idx in zip(tasks, indices):
+    for t, idx in zip(tasks, indices, strict=True):
         assert set(labels[idx].tolist()) == set(t.tolist())
 
 

@@ -176,7 +176,7 @@ def test_mit67_decodes_resizes_and_labels(mit67):
     np.testing.assert_array_equal(ds.y_test, [2, 0, 1])
     # Solid images keep their colour (JPEG is lossy, hence the tolerance);
     # the grayscale file becomes three equal channels.
-    for image, entry in zip(ds.x_test, test):
+    for image, entry in zip(ds.x_test, test, strict=True):
         color = np.array(_CLASSES[entry.split('/')[0]])
         assert np.abs(image.reshape(-1, 3).mean(0) - color).max() < 4
     gray = ds.x_train[train.index('zoo/zoo_1.jpg')]
@@ -298,9 +298,11 @@ def test_data_il_chunks_are_equal_disjoint_and_seeded():
     assert np.unique(joined).size == 100 and joined.max() < 103
     assert all((np.diff(c) > 0).all() for c in chunks)
     again = datasets.data_il_chunks(103, 4, seed=0)
-    assert all(np.array_equal(a, b) for a, b in zip(chunks, again))
+    assert all(np.array_equal(a, b) for a, b in zip(chunks, again, strict=True))
     other = datasets.data_il_chunks(103, 4, seed=1)
-    assert not all(np.array_equal(a, b) for a, b in zip(chunks, other))
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(chunks, other, strict=True)
+    )
     with pytest.raises(ValueError):
         datasets.data_il_chunks(3, 4, seed=0)
     with pytest.raises(ValueError):

@@ -65,8 +65,12 @@ def test_matches_xla_value_jvp_vjp(x64, h, w, c, kernel, strides, padding):
     del x64
     x, k, rng = _inputs(h, w, c, kernel)
     pad = _padding(h, w, kernel, strides, padding)
-    shift = lambda a, b: depthwise_conv(a, b, strides, pad)
-    ref = lambda a, b: depthwise_conv_xla(a, b, strides, pad)
+
+    def shift(a, b):
+        return depthwise_conv(a, b, strides, pad)
+
+    def ref(a, b):
+        return depthwise_conv_xla(a, b, strides, pad)
 
     # One jitted program per check keeps the (cold-cache) test time low.
     y = jax.jit(shift)(x, k)
@@ -75,14 +79,20 @@ def test_matches_xla_value_jvp_vjp(x64, h, w, c, kernel, strides, padding):
 
     x_dot = jnp.asarray(rng.standard_normal(x.shape))
     k_dot = jnp.asarray(rng.standard_normal(k.shape))
-    jvp = lambda f: jax.jit(lambda *a: jax.jvp(f, a[:2], a[2:])[1])
+
+    def jvp(f):  # (x, k, x_dot, k_dot) -> the tangent of f
+        return jax.jit(lambda *a: jax.jvp(f, a[:2], a[2:])[1])
+
     np.testing.assert_allclose(
         jvp(shift)(x, k, x_dot, k_dot), jvp(ref)(x, k, x_dot, k_dot), **_TOL
     )
 
     g = jnp.asarray(rng.standard_normal(y.shape))
-    vjp = lambda f: jax.jit(lambda a, b, c: jax.vjp(f, a, b)[1](c))
-    for got, want in zip(vjp(shift)(x, k, g), vjp(ref)(x, k, g)):
+
+    def vjp(f):  # (x, k, cotangent) -> the cotangents of x and k
+        return jax.jit(lambda a, b, c: jax.vjp(f, a, b)[1](c))
+
+    for got, want in zip(vjp(shift)(x, k, g), vjp(ref)(x, k, g), strict=True):
         np.testing.assert_allclose(got, want, **_TOL)
 
 
@@ -110,7 +120,7 @@ def test_grad_of_jvp_matches_xla(x64, strides):
     grad = jax.jit(jax.grad(loss, argnums), static_argnums=0)
     got = grad(depthwise_conv, x, k, k_dir)
     want = grad(depthwise_conv_xla, x, k, k_dir)
-    for g_shift, g_xla in zip(got, want):
+    for g_shift, g_xla in zip(got, want, strict=True):
         np.testing.assert_allclose(g_shift, g_xla, **_TOL)
 
 

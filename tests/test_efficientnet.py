@@ -131,7 +131,10 @@ def test_convert_covers_every_key_with_model_shapes(state_dict):
     expected = jax.eval_shape(
         model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))
     )
-    shapes = lambda tree: jax.tree_util.tree_map(np.shape, tree)
+
+    def shapes(tree):
+        return jax.tree_util.tree_map(np.shape, tree)
+
     assert shapes(variables) == shapes(expected)
     assert head['kernel'].shape == (FEATURE_DIM, 1000)
     assert head['bias'].shape == (1000,)
@@ -180,7 +183,7 @@ def test_load_and_cache_round_trip(tmp_path, monkeypatch, state_dict):
     flat = jax.tree_util.tree_leaves_with_path((variables, head))
     flat2 = jax.tree_util.tree_leaves_with_path((variables2, head2))
     assert [p for p, _ in flat] == [p for p, _ in flat2]
-    for (_, a), (_, b) in zip(flat, flat2):
+    for (_, a), (_, b) in zip(flat, flat2, strict=True):
         assert a.dtype == b.dtype == np.float32
         np.testing.assert_array_equal(a, b)
 
@@ -193,6 +196,7 @@ def test_load_and_cache_round_trip(tmp_path, monkeypatch, state_dict):
         for a, b in zip(
             jax.tree_util.tree_leaves((variables, head)),
             jax.tree_util.tree_leaves((variables3, head3)),
+            strict=True,
         ):
             np.testing.assert_array_equal(a, b)
 

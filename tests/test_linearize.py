@@ -1,4 +1,5 @@
-"""The linearized network: value at ψ0, exact linearity, jvp vs finite differences."""
+"""The linearized network: value at ψ0, exact linearity, jvp vs finite
+differences."""
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,8 @@ def _random_like(tree, seed, scale=0.1):
     return jax.tree.unflatten(
         treedef,
         [
-            scale * jax.random.normal(k, l.shape, l.dtype)
-            for k, l in zip(keys, leaves)
+            scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+            for k, leaf in zip(keys, leaves, strict=True)
         ],
     )
 
@@ -85,7 +86,10 @@ def test_f_lin_is_exactly_linear_in_params(grad_mode):
         # Frozen leaves (BN) of `params` are ignored: they stay at ψ0.
         f_lin = lin.linearize(apply_fn, v)
         moved = jax.tree_util.tree_map_with_path(
-            lambda p, l: l + 1.0 if 'bn' in jax.tree_util.keystr(p) else l, v
+            lambda p, leaf: (
+                leaf + 1.0 if 'bn' in jax.tree_util.keystr(p) else leaf
+            ),
+            v,
         )
         np.testing.assert_allclose(f_lin(moved, x), f0, atol=1e-12)
 

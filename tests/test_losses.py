@@ -1,5 +1,7 @@
 """Losses: values, masks, and the output curvature of MSE vs cross-entropy."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,7 +80,7 @@ def test_ce_curvature_decreases_monotonically_with_margin():
     for m in [0.0, 1.0, 2.0, 4.0, 8.0, 16.0]:
         p = jax.nn.softmax(m * jax.nn.one_hot(0, 10))
         traces.append(float(1 - jnp.sum(p**2)))
-    assert all(a > b for a, b in zip(traces, traces[1:]))
+    assert all(a > b for a, b in itertools.pairwise(traces))
     assert traces[-1] < 1e-5
 
 

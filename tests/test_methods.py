@@ -232,6 +232,20 @@ def test_der_uses_stored_logits_and_derpp_adds_ce_on_buffer_labels(variant):
     assert abs(float(m2['data_loss']) - float(m['data_loss'])) > 1e-3
 
 
+def _batch_curvature(state, batch, rng, **kwargs):
+    """`curvature.batch_curvature` (cross-entropy) at the state's parameters."""
+    return curv_lib.batch_curvature(
+        state.apply_fn,
+        state.params0,
+        state.params['backbone'],
+        state.params['head'],
+        batch['image'],
+        rng,
+        loss='ce',
+        **kwargs,
+    )
+
+
 def test_osla_curvature_is_kfac_of_the_nonlinear_net_with_sampled_labels():
     state = _state(dj.MethodConfig.osla())
     assert not state.config.linearized and state.config.loss == 'ce'
@@ -239,16 +253,8 @@ def test_osla_curvature_is_kfac_of_the_nonlinear_net_with_sampled_labels():
     rng = jax.random.key(5)
     got = dj.train_state.curvature_step(state, batch, rng)
     assert isinstance(got, dj.KroneckerCurvature)
-    want = curv_lib.batch_curvature(
-        state.apply_fn,
-        state.params0,
-        state.params['backbone'],
-        state.params['head'],
-        batch['image'],
-        rng,
-        linearized=False,
-        loss='ce',
-        class_mask=state.class_mask,
+    want = _batch_curvature(
+        state, batch, rng, linearized=False, class_mask=state.class_mask
     )
     jax.tree.map(
         np.testing.assert_allclose,
@@ -274,16 +280,7 @@ def test_osla_curvature_is_kfac_of_the_nonlinear_net_with_sampled_labels():
     r = jnp.stack(rows)
     np.testing.assert_allclose(got.head['S'], r.T @ r / 6, rtol=1e-5, atol=1e-7)
     # Layer statistics are those of ψ0 + Δ, not of ψ0 (the linearized ones).
-    lin_stats = curv_lib.batch_curvature(
-        state.apply_fn,
-        state.params0,
-        state.params['backbone'],
-        state.params['head'],
-        batch['image'],
-        rng,
-        linearized=True,
-        loss='ce',
-    )
+    lin_stats = _batch_curvature(state, batch, rng, linearized=True)
     assert not np.allclose(
         got.layers['pw']['A'], lin_stats['layers']['pw']['A']
     )

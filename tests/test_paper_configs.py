@@ -126,7 +126,10 @@ def test_seq_cifar100_configs_run_on_mock_data(
         assert sizes == {examples // num_tasks}
     for name in ('results.json', 'summary.txt', 'results.png', 'log.jsonl'):
         assert (workdir / name).is_file(), name
-    log = [json.loads(l) for l in (workdir / 'log.jsonl').open()]
+    log = [
+        json.loads(line)
+        for line in (workdir / 'log.jsonl').read_text().splitlines()
+    ]
     assert sum(e.get('event') == 'task_end' for e in log) == done
 
 

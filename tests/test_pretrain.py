@@ -8,13 +8,12 @@ index, for every split.
 """
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from tiny_run import tiny_config
 
 from dlcft_jax import linearization
 from dlcft_jax.models import resnet
@@ -107,24 +106,21 @@ def test_load_backbone_applies_and_linearizes(full_run):
 def test_pretrained_backbone_drives_a_dlcft_run(full_run, tmp_path, npz_dir):
     """The pre-training export loads as the backbone of a continual run."""
     from experiments import train  # pylint: disable=g-import-not-at-top
-    from experiments.configs import class_il  # pylint: disable=g-import-not-at-top
 
     workdir, _ = full_run
-    config = class_il.get_config()
-    config.data.npz_dir = str(npz_dir)
-    config.data.num_tasks = 2
-    config.backbone.name = 'cifar_resnet18'
-    config.backbone.checkpoint = str(workdir / 'backbone.npz')
-    config.backbone.activation = 'leaky_relu'
-    config.train.batch_size = 8
-    config.train.steps_per_task = 2
-    config.train.first_task_multiplier = 1
-    config.curvature.num_batches = 1
-    config.curvature.batch_size = 8
-    config.replay.buffer_size = 8
-    config.replay.batch_size = 4
-    config.eval.batch_size = 16
-    config.compilation_cache_dir = ''
+    # The tiny class-IL run on the exported backbone, 2 + 2 steps at 32 px.
+    config = tiny_config(
+        npz_dir,
+        **{
+            'backbone.name': 'cifar_resnet18',
+            'backbone.checkpoint': str(workdir / 'backbone.npz'),
+            'backbone.activation': 'leaky_relu',
+            'backbone.image_size': 32,
+            'train.steps_per_task': 2,
+            'train.first_task_multiplier': 1,
+            'compilation_cache_dir': '',
+        },
+    )
     results = train.train_and_evaluate(config, str(tmp_path / 'dlcft'))
     assert results['num_tasks'] == 2
     assert results['config']['backbone']['name'] == 'cifar_resnet18'
@@ -162,20 +158,12 @@ def test_retune_config_requires_init_checkpoint(tmp_path):
         pretrain._check_config(config, num_devices=1, num_hosts=1)
 
 
-def test_cli_reports_missing_init_checkpoint(tmp_path, repo_root):
-    result = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'experiments.pretrain',
-            '--config=experiments/configs/retune_imagenet_resnet18.py',
-            f'--workdir={tmp_path / "run"}',
-        ],
-        cwd=repo_root,
-        capture_output=True,
-        text=True,
+def test_cli_reports_missing_init_checkpoint(tmp_path, run_module):
+    result = run_module(
+        'experiments.pretrain',
+        '--config=experiments/configs/retune_imagenet_resnet18.py',
+        f'--workdir={tmp_path / "run"}',
         timeout=120,
-        check=False,
     )
     assert result.returncode == 2
     assert 'error: model.init_checkpoint is required' in result.stderr

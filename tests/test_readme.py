@@ -36,7 +36,11 @@ def test_readme_composition_snippet_runs(repo_root):
 def test_readme_test_command_is_what_ci_runs(repo_root):
     text = _readme(repo_root)
     commands = re.search(r'```bash\n(.*?)```', text, re.S).group(1)
-    lines = [l for l in commands.splitlines() if l and not l.startswith('#')]
+    lines = [
+        line
+        for line in commands.splitlines()
+        if line and not line.startswith('#')
+    ]
     assert len(lines) == 2, lines
     assert 'experiments.run' in lines[0]
     test_cmd = lines[1].split('&&')[-1].strip()

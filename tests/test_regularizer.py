@@ -101,7 +101,10 @@ def test_model_penalty_equals_dense_block_diagonal_form(restricted):
 def _newton_minimize(objective, params):
     """Exact minimizer of a quadratic objective: one Newton step."""
     flat, unravel = ravel_pytree(params)
-    f = lambda p: objective(unravel(p))
+
+    def f(p):
+        return objective(unravel(p))
+
     g = jax.grad(f)(flat)
     h = jax.hessian(f)(flat)
     return unravel(flat - jnp.linalg.solve(h, g))
@@ -209,19 +212,23 @@ def test_sequential_equals_joint_for_the_linearized_backbone_exact_hessian():
         hessians = [jax.hessian(task_loss)(flat0, b) for b in tasks]
         theta = flat0
         h_sum = jnp.zeros_like(hessians[0])
-        for batch, h in zip(tasks, hessians):
-            centre = theta
-            obj = lambda p, c=centre, hs=h_sum, b=batch: (
-                task_loss(p, b) + 0.5 * (p - c) @ hs @ (p - c)
-            )
+        for batch, h in zip(tasks, hessians, strict=True):
+
+            def obj(p, c=theta, hs=h_sum, b=batch):
+                return task_loss(p, b) + 0.5 * (p - c) @ hs @ (p - c)
+
             g = jax.grad(obj)(theta)
             theta = theta - jnp.linalg.solve(jax.hessian(obj)(theta), g)
             h_sum = h_sum + h
-        joint_obj = lambda p: sum(task_loss(p, b) for b in tasks)
+
+        def joint_obj(p):
+            return sum(task_loss(p, b) for b in tasks)
+
         g = jax.grad(joint_obj)(flat0)
         joint = flat0 - jnp.linalg.solve(jax.hessian(joint_obj)(flat0), g)
         np.testing.assert_allclose(theta, joint, rtol=1e-5, atol=1e-7)
-        # And each H_i is the Gauss-Newton E[JᵀJ] (+ ridge): the loss is quadratic.
+        # And each H_i is the Gauss-Newton E[JᵀJ] (+ ridge): the loss is
+        # quadratic.
         j = jax.jacobian(
             lambda p: (
                 lin.tangent_apply(apply_fn, v, unravel(p), tasks[0]['image'])

@@ -104,14 +104,16 @@ def test_plan_prints_one_command_per_distinct_run():
 def test_plan_groups_commands_by_table_after_the_preparation():
     text = _cli('--plan').stdout
     lines = text.splitlines()
-    first_command = next(i for i, l in enumerate(lines) if l.startswith(_RUN))
+    first_command = next(
+        i for i, line in enumerate(lines) if line.startswith(_RUN)
+    )
     prep = '\n'.join(lines[:first_command])
     assert 'tfds build cifar100' in prep
     assert (
         'python -m experiments.pretrain '
         '--config=experiments/configs/pretrain_imagenet32.py'
     ) in prep
-    headings = [i for i, l in enumerate(lines) if l.startswith('## ')]
+    headings = [i for i, line in enumerate(lines) if line.startswith('## ')]
     titles = [lines[i] for i in headings]
     assert titles[0] == '## One-time preparation'
     data_il = next(i for i in headings if lines[i].startswith('## Data-IL'))
@@ -141,8 +143,8 @@ def test_plan_groups_commands_by_table_after_the_preparation():
     # back to it instead of printing it again.
     dlcft = next(
         i
-        for i, l in enumerate(lines)
-        if l.endswith('--workdir=runs/paper/data_il-seq_cifar100-dlcft')
+        for i, line in enumerate(lines)
+        if line.endswith('--workdir=runs/paper/data_il-seq_cifar100-dlcft')
     )
     block = '\n'.join(lines[dlcft - 3 : dlcft])
     assert 'One run fills 2 cells' in block
@@ -155,8 +157,8 @@ def test_plan_groups_commands_by_table_after_the_preparation():
     # The joint run fills both CIFAR-100 columns.
     joint = next(
         i
-        for i, l in enumerate(lines)
-        if l.endswith('--workdir=runs/paper/data_il-seq_cifar100-joint')
+        for i, line in enumerate(lines)
+        if line.endswith('--workdir=runs/paper/data_il-seq_cifar100-joint')
     )
     assert 'Seq-CIFAR-100 (100 tasks): paper 83.57' in '\n'.join(
         lines[joint - 3 : joint]
@@ -170,8 +172,8 @@ def test_plan_marks_inferred_rows_and_shows_paper_numbers():
     def comment_before(workdir_end: str) -> str:
         i = next(
             i
-            for i, l in enumerate(lines)
-            if l.endswith(f'--workdir={workdir_end}')
+            for i, line in enumerate(lines)
+            if line.endswith(f'--workdir={workdir_end}')
         )
         return lines[i - 1]
 
@@ -205,7 +207,7 @@ def test_plan_fills_placeholders_root_and_seeds(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert 'CIFAR_BACKBONE --' not in text and 'MIT67_DIR --' not in text
-    commands = [l for l in text.splitlines() if l.startswith(_RUN)]
+    commands = [line for line in text.splitlines() if line.startswith(_RUN)]
     assert len(commands) == 2 * len(EXPECTED_RUNS)
     assert (
         'python -m experiments.run '
@@ -225,7 +227,9 @@ def test_plan_fills_placeholders_root_and_seeds(tmp_path):
 def test_paper_numbers_match_the_paper():
     """A hand-typed subset of the poster's tables against `TABLES`."""
     by = {
-        (t.key, r.label): dict(zip((c.label for c in t.columns), r.paper))
+        (t.key, r.label): dict(
+            zip((c.label for c in t.columns), r.paper, strict=True)
+        )
         for t in reproduce.TABLES
         for r in t.rows
     }
@@ -475,7 +479,9 @@ def test_no_runs_gives_all_missing_cells(tmp_path):
         for label, cells in rows.items():
             if label == 'method':
                 continue
-            for paper, ours, diff in zip(cells[0::3], cells[1::3], cells[2::3]):
+            for paper, ours, diff in zip(
+                cells[0::3], cells[1::3], cells[2::3], strict=True
+            ):
                 if paper == 'n/r':
                     assert ours == diff == ''
                 else:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from small_state import with_random_head
 
 import dlcft_jax as dj
 from dlcft_jax import curvature as cv
@@ -324,14 +325,7 @@ def test_dlcft_steps_on_reduced_cifar_resnet18():
         example_input=batches[0]['image'],
         config=dj.MethodConfig(learning_rate=1e-3),
     )
-    # A zero head would give the backbone zero gradients.
-    head = {
-        'kernel': 0.1 * jax.random.normal(jax.random.key(1), (128, 10)),
-        'bias': jnp.zeros(10),
-    }
-    state = dj.begin_task(
-        state.replace(params={**state.params, 'head': head}), num_steps=3
-    )
+    state = with_random_head(state, scale=0.1, num_steps=3)
     for _ in range(3):
         state, m = dj.step(state, batches[0])
         assert np.isfinite(float(m['loss']))

@@ -86,7 +86,7 @@ def test_resume_after_an_interruption_gives_the_same_results(
     assert without_timings(read_results(workdir)) == without_timings(
         read_results(tmp_path / 'straight')
     )
-    log = [json.loads(l) for l in (workdir / 'log.jsonl').open()]
+    log = [json.loads(line) for line in (workdir / 'log.jsonl').open()]
     resumes = [e for e in log if e.get('event') == 'resumed']
     assert len(resumes) == 1
     expected = {2: (0, 4), 4: (1, 2)}[stop_after_saves]
@@ -174,7 +174,7 @@ def test_der_pp_resumes_mid_task_to_the_same_results(
     train.train_and_evaluate(frozen, str(tmp_path / 'frozen'))
 
     def losses(w):
-        log = [json.loads(l) for l in (w / 'log.jsonl').open()]
+        log = [json.loads(line) for line in (w / 'log.jsonl').open()]
         return [e['loss'] for e in log if 'loss' in e]
 
     assert losses(tmp_path / 'frozen') != losses(tmp_path / 'straight')

@@ -1,8 +1,6 @@
 """End-to-end runner test on a tiny config: real files written and read back."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -57,9 +55,9 @@ def test_class_il_run_writes_complete_results(
     np.testing.assert_allclose(on_disk['forgetting'], r[0][0] - r[1][0])
     assert on_disk['config']['backbone']['name'] == 'small_cnn'
     log = [
-        json.loads(l)
-        for l in (workdir / 'log.jsonl').read_text().split('\n')
-        if l
+        json.loads(line)
+        for line in (workdir / 'log.jsonl').read_text().split('\n')
+        if line
     ]
     assert any(e.get('event') == 'task_end' for e in log)
     assert all(np.isfinite(e['loss']) for e in log if 'loss' in e)
@@ -98,20 +96,12 @@ def test_bad_config_ends_with_one_clear_message(tmp_path, npz_dir):
         train.train_and_evaluate(config, str(tmp_path / 'w'))
 
 
-def test_command_line_reports_missing_data(tmp_path, repo_root):
-    out = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'experiments.run',
-            '--config=experiments/configs/class_il.py',
-            f'--config.data.npz_dir={tmp_path / "nowhere"}',
-            f'--workdir={tmp_path / "w"}',
-        ],
-        cwd=repo_root,
-        capture_output=True,
-        text=True,
-        timeout=300,
+def test_command_line_reports_missing_data(tmp_path, run_module):
+    out = run_module(
+        'experiments.run',
+        '--config=experiments/configs/class_il.py',
+        f'--config.data.npz_dir={tmp_path / "nowhere"}',
+        f'--workdir={tmp_path / "w"}',
     )
     assert out.returncode == 2, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]

@@ -43,7 +43,7 @@ def _run_cli(repo_root, workdir, npz_dir, devices, extra=(), env=None):
 
 
 def _losses(workdir):
-    log = [json.loads(l) for l in (workdir / 'log.jsonl').open()]
+    log = [json.loads(line) for line in (workdir / 'log.jsonl').open()]
     return np.asarray([e['loss'] for e in log if 'loss' in e])
 
 
@@ -125,7 +125,7 @@ def test_two_processes_complete_a_run(tmp_path, npz_dir, repo_root, one_device):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, out in zip(procs, outs):
+    for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
     assert '4 devices on 2 hosts' in outs[0]
     results = read_results(workdir)

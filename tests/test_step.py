@@ -10,38 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from small_state import second_task, small_batch, small_state
 
 import dlcft_jax as dj
 from dlcft_jax import losses
 from dlcft_jax import regularizer as rg
 from dlcft_jax import train_state as ts
-from dlcft_jax.models.small_cnn import init_small
-
-
-def _batch(b=8, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        'image': jnp.asarray(rng.normal(size=(b, 8, 8, 3)), jnp.float32),
-        'label': jnp.asarray(rng.integers(0, 3, size=b), jnp.int32),
-    }
-
-
-def _state(config=dj.MethodConfig(), b=8):
-    apply_fn, v = init_small(jax.random.key(0))
-    state = dj.create_state(
-        apply_fn,
-        v,
-        num_classes=3,
-        example_input=_batch(b)['image'],
-        config=config,
-    )
-    head = {
-        'kernel': 0.5 * jax.random.normal(jax.random.key(1), (6, 3)),
-        'bias': jnp.zeros(3),
-    }
-    return dj.begin_task(
-        state.replace(params={**state.params, 'head': head}), num_steps=5
-    )
 
 
 def _penalty(state, params):
@@ -50,19 +24,10 @@ def _penalty(state, params):
     return state.curvature.quadratic(jax.tree.map(jnp.subtract, params, anchor))
 
 
-def _second_task(state, batch):
-    for _ in range(2):
-        state, _ = dj.step(state, batch)
-    curv = dj.estimate_curvature(state, [batch], jax.random.key(0))
-    state = dj.begin_task(dj.end_task(state, curv), num_steps=5)
-    state, _ = dj.step(state, batch)
-    return state
-
-
 def test_step_compiles_once_per_input_shape():
     fn = jax.jit(chex.assert_max_traces(ts.step, n=1))
-    batch = _batch()
-    state = _state()
+    batch = small_batch()
+    state = small_state()
     for _ in range(3):
         state, _ = fn(state, batch)
     curv = dj.estimate_curvature(state, [batch], jax.random.key(0))
@@ -76,7 +41,7 @@ def test_step_compiles_once_per_input_shape():
         state, _ = fn(state, batch)
     # A new batch shape is the only thing that traces again.
     with pytest.raises(AssertionError, match='traced > 1 times'):
-        fn(state, _batch(b=4))
+        fn(state, small_batch(b=4))
     # The exported jitted step behaves the same way.
     before = dj.step._cache_size()
     for _ in range(2):
@@ -85,8 +50,8 @@ def test_step_compiles_once_per_input_shape():
 
 
 def test_objective_is_task_weighted_average_and_penalty_is_active():
-    batch = _batch()
-    state = _second_task(_state(), batch)
+    batch = small_batch()
+    state = second_task(small_state(), batch)
     assert int(state.task) == 1
     new, m = dj.step(state, batch)
     logits = ts.apply_model(state, state.params, batch['image'])
@@ -111,8 +76,8 @@ def test_step_gradient_is_the_objective_gradient_plus_damping():
         learning_rate=0.1,
         proximal=1e-2,
     )
-    batch = _batch()
-    state = _second_task(_state(cfg), batch)
+    batch = small_batch()
+    state = second_task(small_state(cfg), batch)
 
     def objective(params):
         logits = ts.apply_model(state, params, batch['image'])
@@ -138,8 +103,8 @@ def test_step_gradient_is_the_objective_gradient_plus_damping():
 
 
 def test_vjp_and_jvp_grad_modes_take_the_same_step():
-    batch = _batch()
-    s1 = _second_task(_state(dj.MethodConfig(grad_mode='vjp')), batch)
+    batch = small_batch()
+    s1 = second_task(small_state(dj.MethodConfig(grad_mode='vjp')), batch)
     s2 = s1.replace(config=dj.MethodConfig(grad_mode='jvp'))
     a, _ = dj.step(s1, batch)
     b, _ = dj.step(s2, batch)
@@ -151,8 +116,8 @@ def test_vjp_and_jvp_grad_modes_take_the_same_step():
 
 
 def test_finetune_baseline_trains_the_nonlinear_network_without_penalty():
-    batch = _batch()
-    state = _state(dj.MethodConfig.finetune())
+    batch = small_batch()
+    state = small_state(dj.MethodConfig.finetune())
     assert state.curvature is None
     state, m = dj.step(state, batch)
     assert float(m['penalty']) == 0.0
@@ -160,8 +125,8 @@ def test_finetune_baseline_trains_the_nonlinear_network_without_penalty():
         m['data_loss'],
         losses.cross_entropy_loss(
             ts.apply_model(
-                _state(dj.MethodConfig.finetune()),
-                _state(dj.MethodConfig.finetune()).params,
+                small_state(dj.MethodConfig.finetune()),
+                small_state(dj.MethodConfig.finetune()).params,
                 batch['image'],
             ),
             batch['label'],
@@ -176,9 +141,9 @@ def test_finetune_baseline_trains_the_nonlinear_network_without_penalty():
 
 
 def test_learning_rate_decays_linearly_to_zero_within_a_task():
-    state = _state()
+    state = small_state()
     lrs = []
-    batch = _batch()
+    batch = small_batch()
     for _ in range(5):
         state, m = dj.step(state, batch)
         lrs.append(float(m['learning_rate']))
@@ -188,7 +153,7 @@ def test_learning_rate_decays_linearly_to_zero_within_a_task():
 
 
 def test_a_batch_of_the_wrong_shape_fails_at_trace_time():
-    state, batch = _state(), _batch()
+    state, batch = small_state(), small_batch()
     with pytest.raises(AssertionError, match='label'):
         dj.step(state, {**batch, 'label': batch['label'][:4]})
     with pytest.raises(AssertionError, match='label'):

@@ -1,4 +1,4 @@
-"""Backbones (EfficientNet-Lite0, ResNets), fast depthwise conv, weight loading."""
+"""Backbones (EfficientNet-Lite0, ResNets), fast depthwise conv, weights."""
 
 from dlcft_jax.models.convert_torch import (
     convert_resnet_state_dict,

@@ -162,7 +162,7 @@ def same_padding(
         ((top, bottom), (left, right)).
     """
     pads = []
-    for i, k, s in zip(in_size, kernel_size, strides):
+    for i, k, s in zip(in_size, kernel_size, strides, strict=True):
         o = -(-i // s)
         total = max((o - 1) * s + k - i, 0)
         pads.append((total // 2, total - total // 2))
@@ -261,7 +261,10 @@ def _benchmark() -> None:
         pad = same_padding((hw, hw), (k, k), (s, s))
         row = []
         for fn in (depthwise_conv, depthwise_conv_xla):
-            f = lambda x_, w_, fn=fn: fn(x_, w_, (s, s), pad)
+
+            def f(x_, w_, fn=fn, s=s, pad=pad):
+                return fn(x_, w_, (s, s), pad)
+
             fwd = jax.jit(f)
             jvp = jax.jit(lambda x_, w_, f=f: jax.jvp(f, (x_, w_), (x_, w_)))
 

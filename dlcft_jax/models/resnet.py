@@ -130,12 +130,14 @@ def _shortcut(
     return _batch_norm('downsample_bn', train)(x)
 
 
-class BasicBlock(nn.Module):
-    """Two 3×3 convs with a residual connection (expansion 1).
+class _ResidualBlock(nn.Module):
+    """act(branch(x) + shortcut(x)); subclasses give the branch.
 
     Attributes:
-        features: Output channels.
-        stride: Stride of the first conv and of the projection shortcut.
+        features: Width of the branch's convs; the output has
+            `expansion` × features channels.
+        stride: Stride of the branch's strided conv and of the projection
+            shortcut.
         activation: 'relu' or 'leaky_relu'.
     """
 
@@ -154,53 +156,43 @@ class BasicBlock(nn.Module):
             train: Use batch statistics (and update them) if True.
 
         Returns:
-            Output (N, ceil(H / stride), ceil(W / stride), features).
-        """
-        act = _activation(self.activation)
-        residual = _shortcut(x, self.features, self.stride, train)
-        y = _conv(self.features, 3, self.stride, 'conv1')(x)
-        y = act(_batch_norm('bn1', train)(y))
-        y = _conv(self.features, 3, 1, 'conv2')(y)
-        y = _batch_norm('bn2', train)(y)
-        return act(y + residual)
-
-
-class Bottleneck(nn.Module):
-    """1×1 → 3×3 (strided, ResNet v1.5) → 1×1 ×4 with a residual connection.
-
-    Attributes:
-        features: Width of the inner convs; the output has 4 × features.
-        stride: Stride of the 3×3 conv and of the projection shortcut.
-        activation: 'relu' or 'leaky_relu'.
-    """
-
-    features: int
-    stride: int = 1
-    activation: str = 'relu'
-
-    expansion = 4
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Applies the block.
-
-        Args:
-            x: Input (N, H, W, C_in).
-            train: Use batch statistics (and update them) if True.
-
-        Returns:
-            Output (N, ceil(H / stride), ceil(W / stride), 4 * features).
+            Output (N, ceil(H / stride), ceil(W / stride),
+            expansion * features).
         """
         act = _activation(self.activation)
         out = self.features * self.expansion
         residual = _shortcut(x, out, self.stride, train)
+        return act(self._branch(x, act, train) + residual)
+
+    def _branch(self, x, act, train):
+        """The convs before the addition (called in the compact call)."""
+        raise NotImplementedError
+
+
+class BasicBlock(_ResidualBlock):
+    """Two 3×3 convs with a residual connection (expansion 1)."""
+
+    expansion = 1
+
+    def _branch(self, x, act, train):
+        y = _conv(self.features, 3, self.stride, 'conv1')(x)
+        y = act(_batch_norm('bn1', train)(y))
+        y = _conv(self.features, 3, 1, 'conv2')(y)
+        return _batch_norm('bn2', train)(y)
+
+
+class Bottleneck(_ResidualBlock):
+    """1×1 → 3×3 (strided, ResNet v1.5) → 1×1 ×4 with a residual connection."""
+
+    expansion = 4
+
+    def _branch(self, x, act, train):
         y = _conv(self.features, 1, 1, 'conv1')(x)
         y = act(_batch_norm('bn1', train)(y))
         y = _conv(self.features, 3, self.stride, 'conv2')(y)
         y = act(_batch_norm('bn2', train)(y))
-        y = _conv(out, 1, 1, 'conv3')(y)
-        y = _batch_norm('bn3', train)(y)
-        return act(y + residual)
+        y = _conv(self.features * self.expansion, 1, 1, 'conv3')(y)
+        return _batch_norm('bn3', train)(y)
 
 
 _BLOCKS: dict[str, type[nn.Module]] = {
@@ -219,49 +211,18 @@ def _block_class(block: str) -> type[nn.Module]:
         ) from None
 
 
-def _stages_and_head(
-    x: jax.Array,
-    block_cls: type[nn.Module],
-    stage_sizes: Sequence[int],
-    widths: Sequence[int],
-    activation: str,
-    num_classes: int | None,
-    train: bool,
-) -> jax.Array:
-    """Residual stages 'layer1'.., global average pool and optional 'fc'.
+class _ResNetBase(nn.Module):
+    """Stem 'conv1' + 'bn1' (+ max-pool), residual stages 'layer1'..,
+    global average pool and, with an int `num_classes`, the Dense layer 'fc'.
 
-    Called from a compact `__call__`, so the blocks are named in the caller.
-    The first block of every stage but the first has stride 2.
-    """
-    for i, (size, width) in enumerate(zip(stage_sizes, widths)):
-        for j in range(size):
-            x = block_cls(
-                features=width,
-                stride=2 if i > 0 and j == 0 else 1,
-                activation=activation,
-                name=f'layer{i + 1}_{j}',
-            )(x, train)
-    x = jnp.mean(x, axis=(1, 2))
-    if num_classes is not None:
-        x = nn.Dense(num_classes, name='fc')(x)
-    return x
-
-
-class ResNet(nn.Module):
-    """torchvision's ImageNet ResNet (v1.5) with an optional classifier.
-
-    Attributes:
-        stage_sizes: Blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
-        block: 'basic' or 'bottleneck'.
-        activation: 'relu' (torchvision) or 'leaky_relu' (slope 0.01).
-        num_classes: None to return the pooled features g(x); an int to add
-            the Dense layer 'fc' and return logits.
+    Subclasses have the fields `activation` and `num_classes`, set `stem`
+    to (kernel, stride, max-pool) and give `_stages()`. The first block of
+    every stage but the first has stride 2.
     """
 
-    stage_sizes: Sequence[int]
-    block: str = 'basic'
-    activation: str = 'relu'
-    num_classes: int | None = None
+    def _stages(self) -> tuple[type[nn.Module], Sequence[int], Sequence[int]]:
+        """(block class, blocks per stage, stage widths)."""
+        raise NotImplementedError
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -277,18 +238,49 @@ class ResNet(nn.Module):
             (N, num_classes) logits.
         """
         act = _activation(self.activation)
-        x = _conv(STAGE_WIDTHS[0], 7, 2, 'conv1')(x)
+        block_cls, stage_sizes, widths = self._stages()
+        kernel, stride, max_pool = self.stem
+        x = _conv(widths[0], kernel, stride, 'conv1')(x)
         x = act(_batch_norm('bn1', train)(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        return _stages_and_head(
-            x,
-            _block_class(self.block),
-            self.stage_sizes,
-            STAGE_WIDTHS,
-            self.activation,
-            self.num_classes,
-            train,
-        )
+        if max_pool:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        stages = enumerate(zip(stage_sizes, widths, strict=True))
+        for i, (size, width) in stages:
+            for j in range(size):
+                x = block_cls(
+                    features=width,
+                    stride=2 if i > 0 and j == 0 else 1,
+                    activation=self.activation,
+                    name=f'layer{i + 1}_{j}',
+                )(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        if self.num_classes is not None:
+            x = nn.Dense(self.num_classes, name='fc')(x)
+        return x
+
+
+class ResNet(_ResNetBase):
+    """torchvision's ImageNet ResNet (v1.5) with an optional classifier.
+
+    7×7 stride-2 stem and 3×3 stride-2 max-pool.
+
+    Attributes:
+        stage_sizes: Blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
+        block: 'basic' or 'bottleneck'.
+        activation: 'relu' (torchvision) or 'leaky_relu' (slope 0.01).
+        num_classes: None to return the pooled features g(x); an int to add
+            the Dense layer 'fc' and return logits.
+    """
+
+    stage_sizes: Sequence[int]
+    block: str = 'basic'
+    activation: str = 'relu'
+    num_classes: int | None = None
+
+    stem = (7, 2, True)
+
+    def _stages(self):
+        return _block_class(self.block), self.stage_sizes, STAGE_WIDTHS
 
 
 def _scaled(width: int, multiplier: float) -> int:
@@ -296,10 +288,10 @@ def _scaled(width: int, multiplier: float) -> int:
     return max(1, int(round(width * multiplier)))
 
 
-class CifarResNet18(nn.Module):
+class CifarResNet18(_ResNetBase):
     """CIFAR-style ResNet-18: 3×3 stride-1 stem, no max-pool.
 
-    See docs/method.md §2.5.
+    See docs/method.md §2.5. Inputs are e.g. 32×32.
 
     Attributes:
         width_multiplier: Scales the stem and stage widths (64, 128, 256,
@@ -313,32 +305,11 @@ class CifarResNet18(nn.Module):
     activation: str = 'leaky_relu'
     num_classes: int | None = None
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Computes features or logits.
+    stem = (3, 1, False)
 
-        Args:
-            x: Normalised float images (N, H, W, 3), e.g. 32×32.
-            train: Use batch statistics (and update 'batch_stats') if True;
-                otherwise inference mode with running averages.
-
-        Returns:
-            (N, feature_dim(self)) features if `num_classes` is None, else
-            (N, num_classes) logits.
-        """
-        act = _activation(self.activation)
+    def _stages(self):
         widths = [_scaled(w, self.width_multiplier) for w in STAGE_WIDTHS]
-        x = _conv(widths[0], 3, 1, 'conv1')(x)
-        x = act(_batch_norm('bn1', train)(x))
-        return _stages_and_head(
-            x,
-            BasicBlock,
-            (2, 2, 2, 2),
-            widths,
-            self.activation,
-            self.num_classes,
-            train,
-        )
+        return BasicBlock, (2, 2, 2, 2), widths
 
 
 def resnet18(**kwargs: Any) -> ResNet:

@@ -1,10 +1,10 @@
 """A small convolutional backbone for tests, examples and quick CPU runs.
 
 It has every layer kind the K-FAC estimator handles: a strided conv with
-explicit asymmetric padding, BatchNorm (frozen unless `train=True`), leaky ReLU, a depthwise conv
-(`nn.Conv` with feature_group_count = channels, or the fast
-`DepthwiseConv2D`), a 1×1 conv with a bias, global average pooling and a dense
-projection to the feature vector.
+explicit asymmetric padding, BatchNorm (frozen unless `train=True`), leaky
+ReLU, a depthwise conv (`nn.Conv` with feature_group_count = channels, or the
+fast `DepthwiseConv2D`), a 1×1 conv with a bias, global average pooling and a
+dense projection to the feature vector.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ def base(setting: str, benchmark: str) -> ml_collections.ConfigDict:
     config.benchmark = benchmark
     # One of experiments.methods.METHODS: dlcft, finetune, finetune_mse,
     # joint, joint_finetune, ewc, mas, lwf, lwf_mse, osla,
-    # kfac_{lin,nonlin}_{mse,sce}, er, der, derpp, ncm, ranpac. The optimizer defaults follow the method.
+    # kfac_{lin,nonlin}_{mse,sce}, er, der, derpp, ncm, ranpac. The
+    # optimizer defaults follow the method.
     config.method = 'dlcft'
     config.seed = 0
 
@@ -202,8 +203,8 @@ def base(setting: str, benchmark: str) -> ml_collections.ConfigDict:
 
 # ----------------------------------------------------------------------------
 # The benchmarks, one recipe each: everything a benchmark changes from
-# `base()` is in its function, and its docstring gives the command and the
-# measured time.
+# `base()` is in its function (the paper's benchmarks share `_paper_budget`),
+# and its docstring gives the command and the measured time.
 
 
 def quick(setting: str) -> ml_collections.ConfigDict:
@@ -249,6 +250,18 @@ def seq_cifar10(setting: str) -> ml_collections.ConfigDict:
     return config
 
 
+def _paper_budget(config: ml_collections.ConfigDict) -> None:
+    """The paper's budget (docs/method.md §7.1) in `config`: batch 128,
+    10,000 steps per task, the method's Adam 1e-4, curvature from 1,000
+    batches of 64."""
+    config.train.batch_size = 128
+    config.train.steps_per_task = 10_000
+    config.train.log_every = 100
+    config.optim.adam_learning_rate = None  # the method's: Adam 1e-4
+    config.curvature.num_batches = 1000
+    config.curvature.batch_size = 64
+
+
 def seq_cifar100(setting: str) -> ml_collections.ConfigDict:
     """The paper's Seq-CIFAR-100 in 10 tasks (data-IL: 10 chunks of 5,000).
 
@@ -277,12 +290,7 @@ def seq_cifar100(setting: str) -> ml_collections.ConfigDict:
     config.data.classes_per_task = 10
     config.backbone.name = 'cifar_resnet18'
     config.backbone.activation = 'leaky_relu'
-    config.train.batch_size = 128
-    config.train.steps_per_task = 10_000
-    config.train.log_every = 100
-    config.optim.adam_learning_rate = None  # the method's: Adam 1e-4
-    config.curvature.num_batches = 1000
-    config.curvature.batch_size = 64
+    _paper_budget(config)
     config.eval.batch_size = 500
     config.checkpoint.every_steps = 2000
     if setting == 'task_il':
@@ -334,12 +342,7 @@ def seq_mit67(setting: str) -> ml_collections.ConfigDict:
     config.backbone.name = 'resnet18'
     config.backbone.activation = 'leaky_relu'
     config.backbone.image_size = 224
-    config.train.batch_size = 128
-    config.train.steps_per_task = 10_000
-    config.train.log_every = 100
-    config.optim.adam_learning_rate = None  # the method's: Adam 1e-4
-    config.curvature.num_batches = 1000
-    config.curvature.batch_size = 64
+    _paper_budget(config)
     config.eval.batch_size = 100
     config.checkpoint.every_steps = 1000
     return config
@@ -355,7 +358,8 @@ RECIPES = {
 
 
 def get(setting: str, benchmark: str | None) -> ml_collections.ConfigDict:
-    """The config of `setting` ('class_il', 'task_il', 'data_il') on a benchmark.
+    """The config of `setting` ('class_il', 'task_il', 'data_il') on a
+    benchmark.
 
     Args:
       setting: the incremental setting.
