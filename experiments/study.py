@@ -539,8 +539,16 @@ def export(study: Study, rows: list[Row], out: Path, text: str) -> None:
             d = dest / r.method / f'seed_{s}'
             d.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, d / 'results.json')
+    kinds = sorted(
+        {
+            f"{x.get('device_kind', '?')} ({x.get('platform', '?')})"
+            for r in rows
+            for x in r.runs
+        }
+    )
     stamp = (
-        f'Aggregated {datetime.date.today().isoformat()} on {_machine()}.\n\n'
+        f'Aggregated {datetime.date.today().isoformat()} on {_machine()}; '
+        f'the runs ran on {", ".join(kinds) or "-"}.\n\n'
     )
     (out / f'{study.name}.md').write_text(stamp + text)
     shutil.copyfile(study.root / f'{study.name}.png', out / f'{study.name}.png')
@@ -558,6 +566,29 @@ def _machine() -> str:
         ]
         cpu = names[0] if names else cpu
     return f'{os.cpu_count()} CPU cores ({cpu})'
+
+
+def variant_flags(
+    folder: Path, extra: tuple[str, ...], collect: bool
+) -> tuple[str, ...]:
+    """The extra --config flags of a variant's runs, kept in
+    FOLDER/variant_flags.json: written by its first run, read back when the
+    same variant is collected or continued, and a different set is
+    refused (its runs would not be one variant)."""
+    path = folder / 'variant_flags.json'
+    if path.exists():
+        saved = tuple(json.loads(path.read_text()))
+        if extra and extra != saved:
+            raise app.UsageError(
+                f'{folder} holds runs made with {list(saved)}, not '
+                f'{list(extra)}: give the same flags (or none), or a new '
+                '--tag.'
+            )
+        return saved
+    if extra and not collect:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(list(extra)) + '\n')
+    return extra
 
 
 def main(argv):
@@ -582,6 +613,7 @@ def main(argv):
             f'--seeds must be integers, got {_SEEDS.value}.'
         ) from None
     name = _GRID.value + (f'-{_TAG.value}' if _TAG.value else '')
+    extra = variant_flags(Path(_ROOT.value) / name, extra, _COLLECT.value)
     study = Study(grid, name, Path(_ROOT.value), _DATA.value, extra)
     if not _COLLECT.value:
         run_grid(study, names, seeds)

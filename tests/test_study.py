@@ -212,3 +212,13 @@ def test_only_class_il_gives_every_method_the_buffer(tmp_path):
         assert (
             '--config.replay.buffer_size=200' in s.command('dlcft', 0)
         ) is has
+
+
+def test_variant_flags_are_kept_with_the_runs(tmp_path):
+    folder = tmp_path / 'class_il_32-val'
+    flags_ = ('--config.data.validation=0.1',)
+    assert study.variant_flags(folder, flags_, collect=False) == flags_
+    # Collecting (or continuing) without the flags reads them back.
+    assert study.variant_flags(folder, (), collect=True) == flags_
+    with pytest.raises(study.app.UsageError, match='validation=0.1'):
+        study.variant_flags(folder, ('--config.optim.alpha=5',), collect=False)
