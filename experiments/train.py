@@ -353,12 +353,12 @@ def train_and_evaluate(
     """
     # -- set-up ---------------------------------------------------------------
     config_checks.check_config(config)
+    config_checks.check_workdir(workdir)
     init_distributed(config)
     config_checks.check_devices(config)
     t_start = time.time()
     setup_compilation_cache(config)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     chief = jax.process_index() == 0
 
     data = datasets.load(config.data)
