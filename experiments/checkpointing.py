@@ -242,6 +242,59 @@ def restore(
     return state.replace(**out['state']), buffer, out['meta']
 
 
+def restore_latest(
+    mngr: ocp.CheckpointManager,
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    *,
+    state,
+    buffer_spec: BufferSpec | None,
+) -> tuple[int, Any, ReplayBuffer | None, dict[str, Any]] | None:
+    """(step, state, buffer, meta) of the newest readable checkpoint, or
+    None when there is none.
+
+    A checkpoint that cannot be read (cut short by a crash or a full disk,
+    or damaged) is moved to WORKDIR/checkpoints_unreadable/ with a warning
+    naming it, and the one before it is tried: nothing is deleted, and the
+    run goes on from the last good state. A checkpoint of another
+    configuration is refused (ConfigError) before any array is read.
+    """
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            meta = read_meta(mngr, step)
+        except Exception as e:  # noqa: BLE001 - any damage: try the previous
+            _set_aside(mngr, step, workdir, e)
+            continue
+        check_resumable(config, meta, workdir)
+        try:
+            host_state, buffer, meta = restore(
+                mngr, step, state=state, buffer_spec=buffer_spec
+            )
+        except Exception as e:  # noqa: BLE001 - any damage: try the previous
+            _set_aside(mngr, step, workdir, e)
+            continue
+        return step, host_state, buffer, meta
+    return None
+
+
+def _set_aside(
+    mngr: ocp.CheckpointManager, step: int, workdir: Path, error: Exception
+) -> None:
+    src = Path(mngr.directory) / str(step)
+    dest = workdir / 'checkpoints_unreadable' / str(step)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        dest = dest.with_name(f'{step}.{len(list(dest.parent.iterdir()))}')
+    src.rename(dest)
+    mngr.reload()
+    reason = str(error).strip().splitlines()[0] if str(error) else ''
+    print(
+        f'warning: checkpoint {src} cannot be read ({type(error).__name__}: '
+        f'{reason[:200]}); moved to {dest}, trying the one before it.',
+        flush=True,
+    )
+
+
 def close(mngr: ocp.CheckpointManager) -> None:
     """Waits for the last asynchronous save, then closes the manager."""
     mngr.wait_until_finished()

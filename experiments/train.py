@@ -449,18 +449,15 @@ def train_and_evaluate(
             )
 
     try:
-        latest = ckpt.latest_step()
-        if latest is not None:
-            # The config check first: another config's arrays may not fit.
-            checkpointing.check_resumable(
-                config, checkpointing.read_meta(ckpt, latest), workdir
-            )
-            host_state, buffer, saved = checkpointing.restore(
-                ckpt,
-                latest,
-                state=parallel.host_unreplicate(state),
-                buffer_spec=buffer_spec,
-            )
+        found = checkpointing.restore_latest(
+            ckpt,
+            config,
+            workdir,
+            state=parallel.host_unreplicate(state),
+            buffer_spec=buffer_spec,
+        )
+        if found is not None:
+            _, host_state, buffer, saved = found
             state = parallel.host_replicate(host_state)
             t0, k0 = saved['task'], saved['steps_done']
             acc, per_task = saved['accuracy_matrix'], saved['per_task']
