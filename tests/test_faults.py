@@ -3,10 +3,13 @@ twice. Nothing is lost, and the results are those of an undisturbed run."""
 
 import json
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from tiny_run import read_results, tiny_config, without_timings
 
-from experiments import train
+from experiments import cli, train
 
 
 def _damage(folder):
@@ -47,3 +50,53 @@ def test_the_same_command_twice_gives_bit_identical_results(npz_dir, tmp_path):
     a, b = (json.dumps(r['accuracy_matrix']) for r in runs)
     assert a == b
     assert without_timings(runs[0]) == without_timings(runs[1])
+
+
+def _finite_checkpoints(workdir):
+    """Every kept checkpoint's parameters are finite."""
+    manager = ocp.CheckpointManager((workdir / 'checkpoints').absolute())
+    steps = manager.all_steps()
+    for step in steps:
+        saved = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )['state']
+        leaves = jax.tree.leaves(saved['params'])
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+    manager.close()
+    return steps
+
+
+def test_a_run_that_diverges_stops_at_once_and_saves_no_bad_state(
+    npz_dir, tmp_path
+):
+    workdir = tmp_path / 'run'
+    bad = tiny_config(npz_dir, **{'optim.learning_rate': 1e30})
+    with pytest.raises(FloatingPointError, match=r'task 1 step \d+'):
+        train.train_and_evaluate(bad, workdir)
+    partial = read_results(workdir)
+    assert partial['complete'] is False and partial['tasks_done'] == 0
+    assert 'Non-finite' in partial['stopped']
+    _finite_checkpoints(workdir)
+
+
+def test_divergence_in_task_2_keeps_task_1_results_and_checkpoints(
+    npz_dir, tmp_path, monkeypatch
+):
+    fetch = train.fetch_metrics
+
+    def nan_in_task_2(metrics, where):
+        m = fetch(metrics, where)
+        if where.startswith('task 2 step 2'):
+            m['loss'] = float('nan')
+            cli.stop_if_not_finite(m, where, 'Lower the learning rate.')
+        return m
+
+    monkeypatch.setattr(train, 'fetch_metrics', nan_in_task_2)
+    workdir = tmp_path / 'run'
+    with pytest.raises(FloatingPointError, match='task 2 step 2'):
+        train.train_and_evaluate(tiny_config(npz_dir), workdir)
+    partial = read_results(workdir)
+    assert partial['tasks_done'] == 1 and partial['complete'] is False
+    assert partial['accuracy_matrix'][0][0] is not None
+    # Task 2's step-2 state was not saved: the newest checkpoint is task 1's.
+    assert max(_finite_checkpoints(workdir)) == 6
