@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from dlcft_jax.data import ReplayBuffer
-from experiments.cli import ConfigError
+from experiments.cli import ConfigError, DiskError
 
 # Config fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = (
@@ -208,7 +208,22 @@ def save(
         items['buffer'] = ocp.args.StandardSave(
             buffer_tree(buffer, buffer_spec)
         )
-    return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+        return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    except OSError as e:
+        raise _disk_error(mngr, step, e) from None
+
+
+def _disk_error(mngr: ocp.CheckpointManager, step: int, e: OSError):
+    kept = [s for s in mngr.all_steps() if s != step]
+    intact = (
+        f'checkpoint {max(kept)} is intact' if kept else 'no checkpoint is lost'
+    )
+    return DiskError(
+        f'Saving checkpoint {step} in {mngr.directory} failed '
+        f'({e.strerror or e}); {intact}. Free space (or fix the folder) and '
+        'run the same command to resume from it.'
+    )
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -297,5 +312,9 @@ def _set_aside(
 
 def close(mngr: ocp.CheckpointManager) -> None:
     """Waits for the last asynchronous save, then closes the manager."""
-    mngr.wait_until_finished()
-    mngr.close()
+    try:
+        mngr.wait_until_finished()
+    except OSError as e:  # an asynchronous write that failed
+        raise _disk_error(mngr, mngr.latest_step() or 0, e) from None
+    finally:
+        mngr.close()

@@ -19,13 +19,20 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# The errors a user can cause: a ConfigError (a ValueError), a missing file
-# and a run that diverged. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
-
 
 class ConfigError(ValueError):
     """A configuration the run cannot use; the message says what to change."""
+
+
+class DiskError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the
+    message names the checkpoint that is intact."""
+
+
+# The errors a user can cause or fix: a ConfigError (a ValueError), a
+# missing file, a run that diverged, a full disk. Anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, DiskError)
 
 
 def need(ok: bool, message: str) -> None:

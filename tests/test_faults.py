@@ -1,6 +1,7 @@
 """Faults during a run: a damaged newest checkpoint, and the same command
 twice. Nothing is lost, and the results are those of an undisturbed run."""
 
+import errno
 import json
 
 import jax
@@ -100,3 +101,29 @@ def test_divergence_in_task_2_keeps_task_1_results_and_checkpoints(
     assert partial['accuracy_matrix'][0][0] is not None
     # Task 2's step-2 state was not saved: the newest checkpoint is task 1's.
     assert max(_finite_checkpoints(workdir)) == 6
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(
+    npz_dir, tmp_path, monkeypatch
+):
+    reference = train.train_and_evaluate(
+        tiny_config(npz_dir), tmp_path / 'straight'
+    )
+    save = ocp.CheckpointManager.save
+
+    def disk_full_at_8(self, step, *args, **kwargs):
+        if step == 8:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, 'save', disk_full_at_8)
+    workdir = tmp_path / 'run'
+    with pytest.raises(cli.DiskError) as info:
+        train.train_and_evaluate(tiny_config(npz_dir), workdir)
+    message = str(info.value)
+    assert 'checkpoint 8' in message and 'No space left on device' in message
+    assert 'checkpoint 6 is intact' in message
+    monkeypatch.undo()
+    # Space freed: the same command resumes from checkpoint 6.
+    again = train.train_and_evaluate(tiny_config(npz_dir), workdir)
+    assert without_timings(again) == without_timings(reference)
