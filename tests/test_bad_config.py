@@ -165,3 +165,35 @@ def test_command_line_mistake_gives_one_line_and_exit_2(
     assert 'Traceback' not in proc.stderr + proc.stdout
     assert re.search(pattern, lines[0]), lines[0]
     assert not (tmp_path / 'run').exists()
+
+
+def test_a_backbone_file_of_another_architecture(npz_dir, tmp_path):
+    import jax
+    import numpy as np
+
+    from dlcft_jax import models
+    from experiments import backbones
+
+    net = models.cifar_resnet18(width_multiplier=0.0625)
+    path = tmp_path / 'backbone.npz'
+    backbones.save_backbone(
+        path,
+        net.init(jax.random.key(0), np.zeros((1, 32, 32, 3))),
+        {
+            'format_version': backbones.BACKBONE_FORMAT_VERSION,
+            'architecture': 'cifar_resnet18',
+            'model_kwargs': {'width_multiplier': 0.0625},
+        },
+    )
+    config = tiny_config(
+        npz_dir,
+        **{
+            'backbone.name': 'resnet18',
+            'backbone.image_size': 32,
+            'backbone.checkpoint': str(path),
+        },
+    )
+    with pytest.raises(
+        cli.ConfigError, match=r"holds a cifar_resnet18.*'cifar_resnet18'"
+    ):
+        train.train_and_evaluate(config, tmp_path / 'run')
