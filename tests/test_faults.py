@@ -3,6 +3,7 @@ twice. Nothing is lost, and the results are those of an undisturbed run."""
 
 import errno
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -127,3 +128,26 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(
     # Space freed: the same command resumes from checkpoint 6.
     again = train.train_and_evaluate(tiny_config(npz_dir), workdir)
     assert without_timings(again) == without_timings(reference)
+
+
+def test_a_save_cut_short_by_sigkill_is_ignored_on_resume(npz_dir, tmp_path):
+    """A process killed in the middle of a save leaves orbax's temporary
+    folder (`STEP.orbax-checkpoint-tmp-TIME`, renamed only once complete):
+    the next run resumes from the last complete checkpoint, saves that step
+    again, and ends with the results of an undisturbed run."""
+    reference = train.train_and_evaluate(
+        tiny_config(npz_dir), tmp_path / 'straight'
+    )
+    workdir = tmp_path / 'run'
+    train.train_and_evaluate(
+        tiny_config(npz_dir, **{'train.stop_after_tasks': 1}), workdir
+    )
+    ckpts = workdir / 'checkpoints'
+    # What a kill during the save of step 8 leaves: a half-written copy.
+    partial = ckpts / '8.orbax-checkpoint-tmp-1700000000000'
+    shutil.copytree(ckpts / '6', partial)
+    _damage(partial / 'state')
+    again = train.train_and_evaluate(tiny_config(npz_dir), workdir)
+    assert without_timings(again) == without_timings(reference)
+    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert steps == [8, 9]
