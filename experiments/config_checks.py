@@ -39,12 +39,17 @@ def _check_optimizer(config: ml_collections.ConfigDict) -> None:
     """Learning rates and α positive; decay, clipping and damping not
     negative (None: the method's own value)."""
     o = config.optim
-    for name in ('learning_rate', 'adam_learning_rate', 'alpha'):
+    for name in ('learning_rate', 'adam_learning_rate'):
         need(
             o[name] is None or o[name] > 0,
             f'config.optim.{name}={o[name]} must be > 0 (None: the '
             "method's default).",
         )
+    need(
+        o.alpha > 0,
+        f'config.optim.alpha={o.alpha} must be > 0 (the label scale; the '
+        'paper: 15).',
+    )
     for name in ('weight_decay', 'clip_norm', 'proximal'):
         need(
             o[name] is None or o[name] >= 0,
