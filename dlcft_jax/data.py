@@ -19,6 +19,7 @@ Contents:
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -79,8 +80,8 @@ def load_npz(
 
     Raises:
       FileNotFoundError: If the file does not exist.
-      KeyError: If `image` or `label` is missing from the file.
-      ValueError: If the arrays have the wrong dtype, shape, or counts.
+      ValueError: If the file is truncated or corrupt, lacks `image` or
+        `label`, or the arrays have the wrong dtype, shape, or counts.
     """
     path = os.fspath(path_or_dir)
     if os.path.isdir(path):
@@ -90,15 +91,24 @@ def load_npz(
             f'No {split!r} data at {path!r}: expected a directory containing '
             f'{split}.npz or the path of an .npz file.'
         )
-    with np.load(path, allow_pickle=False) as data:
-        missing = [k for k in ('image', 'label') if k not in data.files]
-        if missing:
-            raise KeyError(
-                f'{path!r} lacks key(s) {missing}; found {sorted(data.files)}. '
-                "The file must hold 'image' (uint8 NHWC) and 'label' (int)."
-            )
-        images = data['image']
-        labels = data['label']
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            files = sorted(data.files)
+            images = data['image'] if 'image' in files else None
+            labels = data['label'] if 'label' in files else None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        # np.load takes a file that is no zip archive for a pickle, which
+        # allow_pickle=False refuses: the same error, a file to rewrite.
+        raise ValueError(
+            f'{path!r} is not a readable .npz file ({type(e).__name__}: {e}); '
+            'it may be truncated or corrupt: write it again with np.savez.'
+        ) from None
+    missing = [k for k in ('image', 'label') if k not in files]
+    if missing:
+        raise ValueError(
+            f"{path!r} lacks key(s) {missing}; found {files}. The file must "
+            "hold 'image' (uint8 NHWC) and 'label' (int)."
+        )
     _check_images(images, name=f"'image' in {path!r}")
     _check_labels(labels, images.shape[0], name=f"'label' in {path!r}")
     return images, labels.astype(np.int32)

@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from dlcft_jax.data import ReplayBuffer
-from experiments.cli import ConfigError
+from experiments.cli import ConfigError, DiskError
 
 # Config fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = (
@@ -208,7 +208,22 @@ def save(
         items['buffer'] = ocp.args.StandardSave(
             buffer_tree(buffer, buffer_spec)
         )
-    return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+        return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    except OSError as e:
+        raise _disk_error(mngr, step, e) from None
+
+
+def _disk_error(mngr: ocp.CheckpointManager, step: int, e: OSError):
+    kept = [s for s in mngr.all_steps() if s != step]
+    intact = (
+        f'checkpoint {max(kept)} is intact' if kept else 'no checkpoint is lost'
+    )
+    return DiskError(
+        f'Saving checkpoint {step} in {mngr.directory} failed '
+        f'({e.strerror or e}); {intact}. Free space (or fix the folder) and '
+        'run the same command to resume from it.'
+    )
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -242,7 +257,64 @@ def restore(
     return state.replace(**out['state']), buffer, out['meta']
 
 
+def restore_latest(
+    mngr: ocp.CheckpointManager,
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    *,
+    state,
+    buffer_spec: BufferSpec | None,
+) -> tuple[int, Any, ReplayBuffer | None, dict[str, Any]] | None:
+    """(step, state, buffer, meta) of the newest readable checkpoint, or
+    None when there is none.
+
+    A checkpoint that cannot be read (cut short by a crash or a full disk,
+    or damaged) is moved to WORKDIR/checkpoints_unreadable/ with a warning
+    naming it, and the one before it is tried: nothing is deleted, and the
+    run goes on from the last good state. A checkpoint of another
+    configuration is refused (ConfigError) before any array is read.
+    """
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            meta = read_meta(mngr, step)
+        except Exception as e:  # noqa: BLE001 - any damage: try the previous
+            _set_aside(mngr, step, workdir, e)
+            continue
+        check_resumable(config, meta, workdir)
+        try:
+            host_state, buffer, meta = restore(
+                mngr, step, state=state, buffer_spec=buffer_spec
+            )
+        except Exception as e:  # noqa: BLE001 - any damage: try the previous
+            _set_aside(mngr, step, workdir, e)
+            continue
+        return step, host_state, buffer, meta
+    return None
+
+
+def _set_aside(
+    mngr: ocp.CheckpointManager, step: int, workdir: Path, error: Exception
+) -> None:
+    src = Path(mngr.directory) / str(step)
+    dest = workdir / 'checkpoints_unreadable' / str(step)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        dest = dest.with_name(f'{step}.{len(list(dest.parent.iterdir()))}')
+    src.rename(dest)
+    mngr.reload()
+    reason = str(error).strip().splitlines()[0] if str(error) else ''
+    print(
+        f'warning: checkpoint {src} cannot be read ({type(error).__name__}: '
+        f'{reason[:200]}); moved to {dest}, trying the one before it.',
+        flush=True,
+    )
+
+
 def close(mngr: ocp.CheckpointManager) -> None:
     """Waits for the last asynchronous save, then closes the manager."""
-    mngr.wait_until_finished()
-    mngr.close()
+    try:
+        mngr.wait_until_finished()
+    except OSError as e:  # an asynchronous write that failed
+        raise _disk_error(mngr, mngr.latest_step() or 0, e) from None
+    finally:
+        mngr.close()

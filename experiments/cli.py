@@ -19,13 +19,20 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# The errors a user can cause: a ConfigError (a ValueError), a missing file
-# and a run that diverged. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
-
 
 class ConfigError(ValueError):
     """A configuration the run cannot use; the message says what to change."""
+
+
+class DiskError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the
+    message names the checkpoint that is intact."""
+
+
+# The errors a user can cause or fix: a ConfigError (a ValueError), a
+# missing file, a run that diverged, a full disk. Anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, DiskError)
 
 
 def need(ok: bool, message: str) -> None:
@@ -46,6 +53,74 @@ def stop_if_not_finite(
         raise FloatingPointError(
             f'Non-finite metrics at {where}: {dict(values)}. {advice}'
         )
+
+
+def fail(message: str) -> None:
+    """Ends the process with `error: message` on stderr and exit status 2."""
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _misspelled_field(e: LookupError, argv: list[str]) -> str:
+    """One line for ml_collections' error on a config field that does not
+    exist, naming the flag and the closest valid field."""
+    key = str(_root_cause(e)).strip('\'"')
+    text = str(e).replace('\\n', '\n')
+    hint = ''
+    if 'Did you mean' in text:
+        hint = ' ' + text[text.index('Did you mean') :].split('\n')[0]
+        hint = hint.replace(' instead of "' + key + '"', '').rstrip("'")
+    flag = next(
+        (
+            a.split('=')[0]
+            for a in argv
+            if a.startswith('--config.')
+            and key in a.split('=')[0].split('.')[1:]
+        ),
+        f'--config....{key}',
+    )
+    return (
+        f'{flag}: the config has no field {key!r}.{hint} '
+        '(experiments/configs/common.py lists every field.)'
+    )
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every mistake in a flag or in the config
+    file's parameter turned into one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.IllegalFlagValueError as e:
+        root = _root_cause(e)
+        if isinstance(root, ValueError) and 'config file' not in str(root):
+            # The config file's own check, e.g. an unknown benchmark.
+            flag = str(e).split(': Error whilst parsing')[0]
+            fail(f'{flag.removeprefix("flag ")}: {root}')
+        fail(str(e).split('\n')[0])
+    except flags.Error as e:
+        fail(str(e).split('\n')[0])
+    except (KeyError, AttributeError) as e:
+        fail(_misspelled_field(e, argv))
+    return []  # not reached
+
+
+def _load(config: Any, path: str | None) -> Any:
+    """The parsed config, or one line if its file could not be loaded."""
+    try:
+        config.keys()
+    except OSError:
+        fail(
+            f'{path}: no such config file; use '
+            'experiments/configs/class_il.py, task_il.py or data_il.py '
+            '(optionally with :BENCHMARK).'
+        )
+    return config
 
 
 def main(
@@ -78,8 +153,9 @@ def main(
         if len(argv) > 1:
             raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
         logging.set_verbosity(verbosity)
+        config = _load(config_flag.value, flags.FLAGS['config'].serialize())
         try:
-            out = run(config_flag.value, workdir_flag.value)
+            out = run(config, workdir_flag.value)
         except USER_ERRORS as e:
             if os.environ.get('DLCFT_TRACEBACK'):
                 raise
@@ -88,4 +164,4 @@ def main(
         if on_success is not None:
             on_success(out)
 
-    app.run(_main)
+    app.run(_main, flags_parser=_parse_flags)

@@ -7,6 +7,8 @@ change (`experiments/cli.py` prints it and exits with status 2).
 from __future__ import annotations
 
 import difflib
+import os
+from pathlib import Path
 
 import jax
 import ml_collections
@@ -17,6 +19,75 @@ from experiments.cli import ConfigError, need
 
 _METHODS = tuple(methods.METHODS)
 
+# The backbones, each with the total stride of its feature map: a smaller
+# image leaves the last stage without a single pixel of its own.
+MIN_IMAGE_SIZE = {
+    'efficientnet_lite0': 32,
+    'resnet18': 32,
+    'resnet50': 32,
+    'cifar_resnet18': 8,
+    'small_cnn': 8,
+}
+
+
+def _did_you_mean(value, choices) -> str:
+    close = difflib.get_close_matches(str(value), tuple(choices), n=1)
+    return f' (did you mean {close[0]!r}?)' if close else ''
+
+
+def _check_optimizer(config: ml_collections.ConfigDict) -> None:
+    """Learning rates and α positive; decay, clipping and damping not
+    negative (None: the method's own value)."""
+    o = config.optim
+    for name in ('learning_rate', 'adam_learning_rate'):
+        need(
+            o[name] is None or o[name] > 0,
+            f'config.optim.{name}={o[name]} must be > 0 (None: the '
+            "method's default).",
+        )
+    need(
+        o.alpha > 0,
+        f'config.optim.alpha={o.alpha} must be > 0 (the label scale; the '
+        'paper: 15).',
+    )
+    for name in ('weight_decay', 'clip_norm', 'proximal'):
+        need(
+            o[name] is None or o[name] >= 0,
+            f'config.optim.{name}={o[name]} must be >= 0 (0: off; None: '
+            "the method's default).",
+        )
+    need(
+        o.name in (None, 'adam', 'sgd'),
+        f'config.optim.name={o.name!r} is unknown; use None (the '
+        "method's), 'adam' or 'sgd'.",
+    )
+    need(
+        o.schedule in (None, 'linear', 'constant'),
+        f'config.optim.schedule={o.schedule!r} is unknown; use None (the '
+        "method's), 'linear' or 'constant'.",
+    )
+
+
+def check_workdir(workdir: str) -> None:
+    """The work directory is a folder this process can write (created if
+    missing)."""
+    path = Path(workdir)
+    need(
+        not path.exists() or path.is_dir(),
+        f'--workdir={workdir} is a file; give a folder (new or a run\'s).',
+    )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f'--workdir={workdir} cannot be created ({e.strerror}); choose '
+            'a folder you can write.'
+        ) from None
+    need(
+        os.access(path, os.W_OK | os.X_OK),
+        f'--workdir={workdir} is not writable; choose a folder you can write.',
+    )
+
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for the first field the run cannot use."""
@@ -25,11 +96,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f'config.setting={config.setting!r} is unknown; use one of '
         f'{methods.SETTINGS}.',
     )
-    close = difflib.get_close_matches(str(config.method), _METHODS, n=1)
     need(
         config.method in _METHODS,
         f'config.method={config.method!r} is unknown'
-        + (f' (did you mean {close[0]!r}?)' if close else '')
+        + _did_you_mean(config.method, _METHODS)
         + f'; use one of {_METHODS}.',
     )
     need(
@@ -75,9 +145,29 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         config.curvature.num_batches >= 1 and config.curvature.batch_size >= 1,
         'config.curvature.num_batches and batch_size must be >= 1.',
     )
+    name = config.backbone.name
     need(
-        config.backbone.image_size >= 8,
-        'config.backbone.image_size must be at least 8 pixels.',
+        name in MIN_IMAGE_SIZE,
+        f'config.backbone.name={name!r} is unknown'
+        + _did_you_mean(name, MIN_IMAGE_SIZE)
+        + f'; use one of {tuple(MIN_IMAGE_SIZE)}.',
+    )
+    need(
+        config.backbone.image_size >= MIN_IMAGE_SIZE[name],
+        f'config.backbone.image_size={config.backbone.image_size} is too '
+        f'small for {name}, which downsamples by {MIN_IMAGE_SIZE[name]}; '
+        f'use at least {MIN_IMAGE_SIZE[name]}.',
+    )
+    _check_optimizer(config)
+    method = methods.get(config.method)
+    need(
+        config.setting != 'task_il'
+        or method.needs_buffer
+        or not config.replay.buffer_size,
+        f'config.replay.buffer_size={config.replay.buffer_size} with '
+        f'setting task_il and method {config.method!r}: task-IL runs replay '
+        'only for er, der and derpp (the paper\'s task-IL methods run '
+        'without a buffer); set config.replay.buffer_size=0 or None.',
     )
     need(
         config.train.stop_after_tasks is None
@@ -89,7 +179,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         and config.checkpoint.max_to_keep >= 1,
         'config.checkpoint.every_steps must be >= 0 and max_to_keep >= 1.',
     )
-    method = methods.get(config.method)
     need(
         not method.needs_buffer or methods.replay_batch(config) > 0,
         f'config.method={config.method!r} replays from a buffer; set '

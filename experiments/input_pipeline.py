@@ -197,6 +197,7 @@ def make_tasks(
             f'config.data.class_groups names classes {bad} outside 0..'
             f'{data.num_classes - 1} of {data.name}.'
         )
+    _check_classes_present(data, groups)
     row = np.full((data.num_classes,), -1, np.int32)
     row[flat] = np.arange(len(flat), dtype=np.int32)
     tasks = []
@@ -208,6 +209,45 @@ def make_tasks(
         )
         tasks.append(Task(classes, tr, te, row[y_train[tr]], row[y_test[te]]))
     return tasks, len(flat)
+
+
+def _check_classes_present(
+    data: datasets.Dataset, groups: list[list[int]]
+) -> None:
+    """Every class of every task has training and test images; labels no
+    task uses are named in a warning (a chosen subset is fine, a shifted
+    labelling is not)."""
+    train = np.bincount(data.y_train, minlength=data.num_classes)
+    test = np.bincount(data.y_test, minlength=data.num_classes)
+    for t, classes in enumerate(groups):
+        for c in classes:
+            for split, counts in (('training', train), ('test', test)):
+                if counts[c]:
+                    continue
+                lo = int(min(data.y_train.min(), data.y_test.min()))
+                hint = (
+                    f' The labels run from {lo}: they must start at 0.'
+                    if lo > 0
+                    else ' Give every class of every task images in both '
+                    'splits, or choose other classes (config.data.'
+                    'class_groups).'
+                )
+                raise ValueError(
+                    f'{data.name}: class {c} of task {t + 1} has no {split} '
+                    f'images.{hint}'
+                )
+    used = {c for g in groups for c in g}
+    unused = [
+        c
+        for c in range(data.num_classes)
+        if c not in used and (train[c] or test[c])
+    ]
+    if unused and jax.process_index() == 0:
+        print(
+            f'warning: {data.name}: labels {unused} belong to no task and '
+            'are not used.',
+            flush=True,
+        )
 
 
 def class_masks(

@@ -67,6 +67,7 @@ from experiments import (
     backbones,
     checkpointing,
     cli,
+    config_checks,
     input_pipeline,
     reporting,
 )
@@ -568,7 +569,7 @@ def pretrain(
     workdir = Path(workdir)
     num_devices = jax.local_device_count()
     _check_config(config, num_devices, jax.process_count())
-    workdir.mkdir(parents=True, exist_ok=True)
+    config_checks.check_workdir(workdir)
 
     train_source = _data_source(config, config.data.train_split)
     train_loader = Loader(train_source, config, config.data.max_train_examples)

@@ -651,7 +651,9 @@ def write_outputs(results: Mapping[str, Any], workdir: Path) -> None:
     tmp = workdir / 'results.json.tmp'
     tmp.write_text(json.dumps(results, indent=2) + '\n', encoding='utf-8')
     os.replace(tmp, workdir / 'results.json')
-    if results.get('joint'):
+    if not results.get('per_task'):
+        table = f'{results["setting"]} / {results["method"]}: no task finished.'
+    elif results.get('joint'):
         table = joint_summary(results)
     else:
         table = summary_table(results)

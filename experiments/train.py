@@ -353,12 +353,12 @@ def train_and_evaluate(
     """
     # -- set-up ---------------------------------------------------------------
     config_checks.check_config(config)
+    config_checks.check_workdir(workdir)
     init_distributed(config)
     config_checks.check_devices(config)
     t_start = time.time()
     setup_compilation_cache(config)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     chief = jax.process_index() == 0
 
     data = datasets.load(config.data)
@@ -422,6 +422,7 @@ def train_and_evaluate(
     per_task: list[dict[str, Any]] = []
     t0, k0, elapsed, resumed_train_s = 0, 0, 0.0, 0.0
     free_state, test_features = None, {}
+    diverged = None
 
     def meta(t, k, train_s=None):
         timing = {} if train_s is None else {'train_s': train_s}
@@ -449,18 +450,15 @@ def train_and_evaluate(
             )
 
     try:
-        latest = ckpt.latest_step()
-        if latest is not None:
-            # The config check first: another config's arrays may not fit.
-            checkpointing.check_resumable(
-                config, checkpointing.read_meta(ckpt, latest), workdir
-            )
-            host_state, buffer, saved = checkpointing.restore(
-                ckpt,
-                latest,
-                state=parallel.host_unreplicate(state),
-                buffer_spec=buffer_spec,
-            )
+        found = checkpointing.restore_latest(
+            ckpt,
+            config,
+            workdir,
+            state=parallel.host_unreplicate(state),
+            buffer_spec=buffer_spec,
+        )
+        if found is not None:
+            _, host_state, buffer, saved = found
             state = parallel.host_replicate(host_state)
             t0, k0 = saved['task'], saved['steps_done']
             acc, per_task = saved['accuracy_matrix'], saved['per_task']
@@ -540,21 +538,30 @@ def train_and_evaluate(
                     state, m = fns.step(state, batch)
                     meter.add(spec.rows, wait)
                     done = k + 1
-                    if done % config.train.log_every == 0 or done == n:
-                        # Metrics reach the host only at log steps.
+                    g = sum(steps[:t]) + done
+                    logging = done % config.train.log_every == 0 or done == n
+                    saving = done < n and ckpt.should_save(g)
+                    if logging or saving:
+                        # Metrics reach the host only at log and save steps,
+                        # and a diverged state is never saved.
                         m = fetch_metrics(m, f'task {t + 1} step {done}')
+                    if logging:
                         m.update(meter.read())
                         if progress is not None:
                             progress.update(done, m)
-                        g = sum(steps[:t]) + done
                         log.record(
                             {'task': t, 'step': done, 'global_step': g, **m}
                         )
                         log.scalars(
                             {f'train/{name}': v for name, v in m.items()}, g
                         )
-                    if done < n:
-                        save(t, done, train_s=before + time.time() - clock)
+                    if saving:
+                        save(
+                            t,
+                            done,
+                            force=True,
+                            train_s=before + time.time() - clock,
+                        )
                 if progress is not None:
                     progress.close()
             train_s = before + time.time() - clock
@@ -630,6 +637,9 @@ def train_and_evaluate(
             )
             if not free:  # a training-free run is redone in seconds
                 save(t + 1, 0, force=True)
+    except FloatingPointError as e:
+        # A diverged run: partial results, the last good checkpoint kept.
+        diverged = str(e)
     finally:
         # Async saves complete before the process ends, error or not.
         checkpointing.close(ckpt)
@@ -653,7 +663,11 @@ def train_and_evaluate(
         'joint': method.joint,
         'accuracy_matrix': acc,
         # After the last task done (all of them unless stop_after_tasks).
-        **reporting.accuracy_summary(acc, max(done - 1, 0), method.joint),
+        **(
+            reporting.accuracy_summary(acc, done - 1, method.joint)
+            if done
+            else reporting.accuracy_summary([[]], 0, True)
+        ),
         'per_task': per_task,
         'wall_time_s': elapsed + time.time() - t_start,
         # Training-free methods train nothing: no optimizer or loss to list.
@@ -666,12 +680,21 @@ def train_and_evaluate(
         'host': socket.gethostname(),
         'jax_version': jax.__version__,
     }
+    if diverged:
+        results['stopped'] = diverged
     if chief:
         reporting.write_outputs(results, workdir)
-        if not results['complete']:
-            print(
-                f'stopped after task {done} of {len(tasks)} '
-                f'(config.train.stop_after_tasks={stop}); run the same '
-                'command with a larger value, or without it, to continue.'
-            )
+    if diverged:
+        raise FloatingPointError(
+            f'{diverged} The run stopped: results.json in {workdir} holds '
+            'the tasks finished before it, and checkpoints/ keeps the last '
+            'good state. Lower config.optim.learning_rate and start again '
+            'in a new --workdir (a resumed run keeps its config).'
+        )
+    if chief and not results['complete']:
+        print(
+            f'stopped after task {done} of {len(tasks)} '
+            f'(config.train.stop_after_tasks={stop}); run the same '
+            'command with a larger value, or without it, to continue.'
+        )
     return results

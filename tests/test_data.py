@@ -44,7 +44,7 @@ def test_load_npz_missing_file(tmp_path):
 @pytest.mark.parametrize(
     'arrays,error,match',
     [
-        ({'image': _random_images(2)}, KeyError, 'label'),
+        ({'image': _random_images(2)}, ValueError, 'label'),
         (
             {'image': _random_images(3), 'label': np.zeros(2)},
             ValueError,
