@@ -156,13 +156,14 @@ def buffer_tree(buffer: ReplayBuffer | None, spec: BufferSpec) -> dict:
     """The buffer as `spec.capacity` rows of fixed-shape arrays."""
     cap = spec.capacity
     tree = {
-        'num_seen': np.asarray(0 if buffer is None else buffer.num_seen),
+        'num_seen': np.asarray(
+            0 if buffer is None else buffer.num_seen, np.int64
+        ),
         'images': np.zeros((cap, *spec.image_shape), np.uint8),
         'labels': np.zeros((cap,), np.int32),
         'task_ids': np.zeros((cap,), np.int32),
         'logits': np.zeros((cap, spec.num_classes), np.float32),
     }
-    tree['num_seen'] = tree['num_seen'].astype(np.int64)
     if buffer is not None:
         sd, size = buffer.state_dict(), len(buffer)
         for key in ('images', 'labels', 'task_ids', 'logits'):

@@ -131,7 +131,9 @@ def _shortcut(
 
 
 class _ResidualBlock(nn.Module):
-    """act(branch(x) + shortcut(x)); subclasses give the branch.
+    """act(branch(x) + shortcut(x)); each subclass defines the branch as
+    `_branch(x, act, train)` (the convs before the addition), and this
+    private base is never built itself.
 
     Attributes:
         features: Width of the branch's convs; the output has
@@ -163,10 +165,6 @@ class _ResidualBlock(nn.Module):
         out = self.features * self.expansion
         residual = _shortcut(x, out, self.stride, train)
         return act(self._branch(x, act, train) + residual)
-
-    def _branch(self, x, act, train):
-        """The convs before the addition (called in the compact call)."""
-        raise NotImplementedError
 
 
 class BasicBlock(_ResidualBlock):
@@ -216,13 +214,11 @@ class _ResNetBase(nn.Module):
     global average pool and, with an int `num_classes`, the Dense layer 'fc'.
 
     Subclasses have the fields `activation` and `num_classes`, set `stem`
-    to (kernel, stride, max-pool) and give `_stages()`. The first block of
+    to (kernel, stride, max-pool) and define `_stages()`, returning (block
+    class, blocks per stage, stage widths); this private base is never built
+    itself. The first block of
     every stage but the first has stride 2.
     """
-
-    def _stages(self) -> tuple[type[nn.Module], Sequence[int], Sequence[int]]:
-        """(block class, blocks per stage, stage widths)."""
-        raise NotImplementedError
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
