@@ -206,6 +206,48 @@ def test_avalanche_table_puts_both_libraries_side_by_side(tmp_path):
     assert len(out) == 3  # no other strategy has results
 
 
+def test_speed_compares_the_third_task_of_both(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        'peers_speed', 'benchmarks/peers/speed.py'
+    )
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    calls = []
+
+    def fake_run(cmd, check, stdout):
+        calls.append(cmd)
+        out = next(
+            a.split('=', 1)[1]
+            for a in cmd
+            if a.startswith('--workdir=') or a.startswith('--out=')
+        )
+        out = tmp_path / out
+        out.mkdir(parents=True)
+        if '-m' in cmd:  # ours: 3 tasks, the third is the steady state
+            res = {
+                'per_task': [{'train_s': t, 'steps': 100} for t in (90, 40, 20)]
+            }
+        else:
+            res = {'iteration_loop_s': [80, 70, 60], 'iterations': [100] * 3}
+        (out / 'results.json').write_text(json.dumps(res))
+
+    monkeypatch.setattr(speed.subprocess, 'run', fake_run)
+    monkeypatch.chdir(tmp_path)
+    python = tmp_path / 'python'
+    python.write_text('')
+    speed.main([f'--avalanche_python={python}', '--settle=0', '--out=o'])
+    assert '--config.train.stop_after_tasks=3' in calls[0]
+    assert '--max_iters=100' in calls[1]
+    assert calls[1][0] == str(python)
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith('| `er` | 0.200 (') and row.endswith('| 3.0x |')
+    assert '| 0.600 (' in row
+    with pytest.raises(SystemExit):  # a missing venv: one clear error
+        speed.main(['--avalanche_python=nowhere'])
+
+
 def test_only_class_il_gives_every_method_the_buffer(tmp_path):
     for grid, has in (('class_il_32', True), ('task_il_32', False)):
         s = study.Study(study.GRIDS[grid], grid, tmp_path)
