@@ -276,8 +276,9 @@ def _open_tfds(
 
 
 def _try_getitems(getitems, n: int) -> list[Any] | None:
-    """The first n records through a batched reader, or None if it is
-    broken (the mock source's raises TypeError)."""
+    """The first n records through a batched reader, or None if the source
+    cannot batch (tfds's mock source raises TypeError; a source may also
+    lack the method or declare it NotImplementedError)."""
     try:
         return list(getitems(list(range(n))))
     except (TypeError, AttributeError, NotImplementedError):
