@@ -13,6 +13,13 @@ train the same network on the same batch shape in one process:
 * plain: the non-linear network, cross-entropy, SGD with momentum (the
   paper's fine-tuning baseline), no penalty.
 
+Two more lines split DLCFT's cost: `dlcft_nopen`, the same step without
+the penalty (linearized forward and backward, MSE, Adam), and `penalty`, the
+penalty's curvature product H̄δ (and value) alone, jitted on its own.
+`--penalty_every=1,4` adds DLCFT with the product recomputed every k steps
+only (`config.curvature.penalty_every`; timed as the mean over whole cycles
+of k steps, the others as medians).
+
 For each it prints the compile time (first call), the median milliseconds
 per step over `--steps` calls after `--warmup` calls, images per second, and
 the ratio DLCFT / plain. `--grad_modes=jvp,vjp` also times DLCFT with the
@@ -35,6 +42,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags
 
 import dlcft_jax as dj
@@ -62,6 +70,11 @@ _BACKBONE = flags.DEFINE_enum(
     'their values).',
 )
 _OUT = flags.DEFINE_string('out', None, 'Write the figures as JSON here.')
+_EVERY = flags.DEFINE_list(
+    'penalty_every',
+    ['1'],
+    'Also time DLCFT with the penalty product every k steps, for each k > 1.',
+)
 
 
 def hardware() -> dict[str, Any]:
@@ -108,6 +121,7 @@ def time_step(
     return {
         'compile_s': compile_s,
         'ms_per_step': 1e3 * med,
+        'ms_mean': 1e3 * statistics.fmean(times),
         'ms_min': 1e3 * min(times),
         'ms_max': 1e3 * max(times),
         'images_per_s': batch['label'].shape[0] / med,
@@ -187,15 +201,17 @@ def main(argv):
     )
     del plain
 
-    for mode in _MODES.value:
+    def dlcft_state(**overrides):
         state = dj.create_state(
             apply_fn,
             variables,
             num_classes=_CLASSES.value,
             example_input=batch['image'],
-            config=dj.MethodConfig(grad_mode=mode),
+            config=dj.MethodConfig(**overrides),
         )
         state = state.replace(params={**state.params, 'head': head})
+        if state.penalty_state is None:
+            return dj.begin_task(state, num_steps=10_000), 0.0
         # Task 1: a real curvature from task 0, so the K-FAC penalty is active.
         t0 = time.perf_counter()
         curv = jax.jit(dj.train_state.curvature_step)(
@@ -204,25 +220,64 @@ def main(argv):
         jax.block_until_ready(curv)
         curv_s = time.perf_counter() - t0
         state = dj.begin_task(dj.end_task(state, curv), num_steps=10_000)
-        results[f'dlcft_{mode}'] = time_step(
-            jax.jit(dj.train_state.step),
-            state,
-            batch,
-            _STEPS.value,
-            _WARMUP.value,
+        # Off the anchor, so that the product is not of zeros.
+        state, _ = jax.jit(dj.train_state.step)(state, batch)
+        return state, curv_s
+
+    step_fn = jax.jit(dj.train_state.step)
+    names = []
+    for mode in _MODES.value:
+        state, curv_s = dlcft_state(grad_mode=mode)
+        names.append(f'dlcft_{mode}')
+        results[names[-1]] = time_step(
+            step_fn, state, batch, _STEPS.value, _WARMUP.value
         )
-        results[f'dlcft_{mode}']['curvature_first_call_s'] = curv_s
+        results[names[-1]]['curvature_first_call_s'] = curv_s
+        if mode == _MODES.value[0]:
+            # The penalty alone: H̄ δ and ½ δᵀ H̄ δ of this state.
+            pen = state.penalty_state
+
+            def penalty_only(delta, unused_batch, curv=pen.curvature):
+                hv = curv.matvec(delta)
+                return delta, optax.tree.vdot(delta, hv)
+
+            delta = jax.tree.map(
+                jnp.subtract,
+                dj.train_state.optimizer_params(state, state.params),
+                pen.anchor,
+            )
+            results['penalty'] = time_step(
+                jax.jit(penalty_only),
+                delta,
+                batch,
+                _STEPS.value,
+                _WARMUP.value,
+            )
         del state
+    for k in sorted({int(v) for v in _EVERY.value} - {1}):
+        state, _ = dlcft_state(grad_mode=_MODES.value[0], penalty_every=k)
+        name = f'dlcft_every{k}'
+        names.append(name)
+        cycles = max(_STEPS.value // k, 1)
+        r = time_step(step_fn, state, batch, cycles * k, k)
+        # The refresh happens once per k steps: the mean over whole cycles.
+        r['ms_per_step'] = r['ms_mean']
+        r['images_per_s'] = bsz / (r['ms_mean'] / 1e3)
+        results[name] = r
+        del state
+    state, _ = dlcft_state(regularizer='none')
+    names.append('dlcft_nopen')
+    results['dlcft_nopen'] = time_step(
+        step_fn, state, batch, _STEPS.value, _WARMUP.value
+    )
+    del state
 
     default = f'dlcft_{_MODES.value[0]}'
-    results['ratio'] = (
-        results[default]['ms_per_step'] / results['plain']['ms_per_step']
-    )
-    for mode in _MODES.value:
-        results[f'ratio_{mode}'] = (
-            results[f'dlcft_{mode}']['ms_per_step']
-            / results['plain']['ms_per_step']
+    for name in names:
+        results[f'ratio_{name[6:]}'] = (
+            results[name]['ms_per_step'] / results['plain']['ms_per_step']
         )
+    results['ratio'] = results[f'ratio_{_MODES.value[0]}']
 
     hw = results['hardware']
     print(
@@ -233,7 +288,7 @@ def main(argv):
     print(
         f"{'step':<14}{'compile s':>10}{'ms/step':>10}{'img/s':>9}{'ratio':>8}"
     )
-    for name in ['plain'] + [f'dlcft_{m}' for m in _MODES.value]:
+    for name in ['plain', *names, 'penalty']:
         r = results[name]
         ratio = r['ms_per_step'] / results['plain']['ms_per_step']
         print(
@@ -241,6 +296,15 @@ def main(argv):
             f"{r['images_per_s']:>9.1f}{ratio:>8.2f}"
         )
     print(f"DLCFT / plain = {results['ratio']:.2f}")
+    results['penalty_share'] = (
+        results['penalty']['ms_per_step'] / results[default]['ms_per_step']
+    )
+    print(
+        f"penalty alone: {results['penalty']['ms_per_step']:.1f} ms "
+        f"({100 * results['penalty_share']:.0f}% of the DLCFT step); "
+        f"DLCFT without it / plain = {results['ratio_nopen']:.2f}"
+    )
+
     if _OUT.value:
         with open(_OUT.value, 'w', encoding='utf-8') as f:
             json.dump(results, f, indent=2)

@@ -67,6 +67,13 @@ def _zeros_like(tree):
     return jax.tree.map(jnp.zeros_like, tree)
 
 
+def _symmetric(m: jax.Array) -> jax.Array:
+    """½(M + Mᵀ) over the last two axes of a square factor; else M."""
+    if m.ndim < 2 or m.shape[-1] != m.shape[-2]:
+        return m
+    return 0.5 * (m + jnp.swapaxes(m, -1, -2))
+
+
 # ----------------------------------------------------------------------------
 # Values.
 
@@ -87,8 +94,13 @@ class KroneckerCurvature(flax.struct.PyTreeNode):
     restricted: bool = flax.struct.field(pytree_node=False, default=False)
 
     def accumulate(self, new: KroneckerCurvature, num_tasks) -> Any:
-        """The average over t+1 tasks, t = `num_tasks` already in `self`."""
-        return curv_lib.accumulate(self, new, num_tasks)
+        """The average over t+1 tasks, t = `num_tasks` already in `self`.
+
+        The factors come out exactly symmetric, ½(M + Mᵀ) (a no-op, bit for
+        bit, where the estimate already is, as on CPU): a checkpoint then
+        holds their upper triangles only."""
+        out = curv_lib.accumulate(self, new, num_tasks)
+        return jax.tree.map(_symmetric, out)
 
     def as_dict(self) -> dict:
         """{'layers': ..., 'head': ...}: `dlcft_jax.regularizer`'s layout."""

@@ -78,6 +78,9 @@ class MethodConfig:
         importance) or 'none'.
       proximal: κ of the proximal damping κ(θ − θ_{t−1}) added to the gradient
         (0 disables it; only with a regularizer).
+      penalty_every: compute the penalty's curvature product every this many
+        steps and reuse it in between (1: every step, exact; see
+        `penalty.quadratic_penalty`).
       distill: LwF's term on the current inputs, weighted like a penalty,
         (L + t·R)/(t+1): 'kl' (KL of the previous model's softmax to the
         current one), 'mse' (½‖f − f_old‖²) or 'none'.
@@ -112,6 +115,7 @@ class MethodConfig:
     alpha: float = losses.ALPHA
     regularizer: str = 'kfac'
     proximal: float = 1e-4
+    penalty_every: int = 1
     distill: str = 'none'
     distill_temperature: float = 1.0
     distill_group_size: int = 0
@@ -154,6 +158,7 @@ class MethodConfig:
                 f'{self.schedule!r}',
             ),
             (self.learning_rate > 0, 'learning_rate must be > 0'),
+            (self.penalty_every >= 1, 'penalty_every must be >= 1'),
             (
                 self.weight_decay >= 0
                 and self.proximal >= 0
@@ -257,7 +262,11 @@ def make_optimizer(config: MethodConfig) -> optax.GradientTransformation:
     parts = []
     kind = curvature_kind(config)
     if kind is not None:
-        parts.append(pen_lib.quadratic_penalty(kind, proximal=config.proximal))
+        parts.append(
+            pen_lib.quadratic_penalty(
+                kind, proximal=config.proximal, every=config.penalty_every
+            )
+        )
     if config.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(config.clip_norm))
     if config.weight_decay > 0:
@@ -718,13 +727,14 @@ def begin_task(
 
     Args:
       state: the state after the previous task.
-      num_steps: N_t.
+      num_steps: N_t (an int, or an int32 array: a traced N_t lets one
+        compiled `begin_task` serve tasks of every length).
       class_mask: (C,) active outputs, or None to keep the current mask.
 
     Returns:
       The state ready for `step`.
     """
-    if num_steps < 1:
+    if isinstance(num_steps, int) and num_steps < 1:
         raise ValueError(f'num_steps must be >= 1, got {num_steps}.')
     mask = (
         state.class_mask

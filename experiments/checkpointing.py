@@ -1,12 +1,17 @@
 """Where a checkpoint is written and read: orbax, in WORKDIR/checkpoints.
 
-A checkpoint of the continual runner holds what cannot be recomputed: the
-train state (without ψ0, which is rebuilt from the backbone), the replay
-buffer as fixed-shape arrays, and `meta`, a JSON item with the position
-(task, steps done), the results so far and the config's fingerprint. Every
-random draw of a run is a pure function of (seed, task, step), so nothing
-else is needed for a resumed run to end with the results of an
-uninterrupted one.
+A checkpoint of the continual runner holds what cannot be recomputed (see
+`state_tree`): the trained parameters, the optimizer's moments and counters,
+the penalty's curvature (its symmetric factors as upper triangles) and task
+count, the replay buffer as fixed-shape arrays, and `meta`, a JSON item with
+the position (task, steps done), the results so far and the config's
+fingerprint. It leaves out what the run rebuilds: ψ0 and its frozen
+statistics (from the backbone), the penalty's anchor θ_{t−1} (from the
+previous model, `centre`), and, in a checkpoint taken between two tasks, the
+optimizer's moments (the next task starts fresh ones) and `centre` (equal to
+the parameters there). Every random draw of a run is a pure function of
+(seed, task, step), so nothing else is needed for a resumed run to end with
+the results of an uninterrupted one.
 
 Cadence: orbax's own save-decision policy, `FixedIntervalPolicy` on the
 global step (`checkpoint.every_steps`, 0 for none), plus its preemption
@@ -32,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from dlcft_jax import penalty, train_state
 from dlcft_jax.data import ReplayBuffer
 from experiments.cli import ConfigError, DiskError
 
@@ -51,16 +57,8 @@ RESUMABLE_FIELDS = (
     'eval.batch_size',
 )
 
-# The TrainState fields a checkpoint holds (ψ0 is rebuilt from the backbone).
-_STATE_FIELDS = (
-    'step',
-    'task',
-    'num_steps',
-    'params',
-    'centre',
-    'opt_state',
-    'class_mask',
-)
+# The TrainState fields every checkpoint holds.
+_STATE_FIELDS = ('step', 'task', 'num_steps', 'params', 'class_mask')
 
 
 def manager(
@@ -144,12 +142,94 @@ class BufferSpec(NamedTuple):
     store_logits: bool
 
 
-def state_tree(state) -> dict[str, Any]:
-    """The parts of a (host) TrainState that a checkpoint holds."""
+def _is_penalty(x) -> bool:
+    return isinstance(x, penalty.PenaltyState)
+
+
+_COUNTERS = ('num_tasks', 'last_value', 'cached', 'count')
+
+
+def _triangles(m):
+    """The upper triangle (with the diagonal) of a square factor, as a flat
+    array along the last axis; other arrays unchanged."""
+    m = np.asarray(m)
+    if m.ndim < 2 or m.shape[-1] != m.shape[-2]:
+        return m
+    rows, cols = np.triu_indices(m.shape[-1])
+    return m[..., rows, cols]
+
+
+def _square(packed, like):
+    """Inverse of `_triangles`, `like` giving the full shape and dtype."""
+    if np.ndim(like) < 2 or like.shape[-1] != like.shape[-2]:
+        return np.asarray(packed)
+    n = like.shape[-1]
+    rows, cols = np.triu_indices(n)
+    m = np.zeros(like.shape, like.dtype)
+    m[..., rows, cols] = packed
+    m[..., cols, rows] = packed
+    return m
+
+
+def state_tree(state, *, between_tasks: bool) -> dict[str, Any]:
+    """The parts of a (host) TrainState that a checkpoint holds.
+
+    Always: position, parameters, class mask, the penalty's curvature
+    (packed) and counters. Within a task also `centre` (θ_{t−1}, the anchor)
+    and the optimizer's moments; between two tasks (`between_tasks`, saved
+    after `end_task`) neither: `centre` equals the parameters, and
+    `begin_task` makes fresh moments.
+    """
     tree = {name: getattr(state, name) for name in _STATE_FIELDS}
     if state.config.bn_train:  # its BatchNorm statistics were trained
         tree['params0'] = state.params0
+    leaves = jax.tree.leaves(state.opt_state, is_leaf=_is_penalty)
+    tree['penalties'] = [
+        {
+            'curvature': jax.tree.map(_triangles, p.curvature),
+            **{
+                k: getattr(p, k) for k in _COUNTERS if getattr(p, k) is not None
+            },
+        }
+        for p in leaves
+        if _is_penalty(p)
+    ]
+    if not between_tasks:
+        tree['centre'] = state.centre
+        tree['moments'] = [x for x in leaves if not _is_penalty(x)]
     return tree
+
+
+def state_from_tree(tree: dict[str, Any], template, *, between_tasks: bool):
+    """The TrainState of a restored `state_tree`; `template` (the run's
+    initial host state) gives ψ0, the structure and what was left out."""
+    state = template.replace(**{k: tree[k] for k in _STATE_FIELDS})
+    if 'params0' in tree:
+        state = state.replace(params0=tree['params0'])
+    centre = state.params if between_tasks else tree['centre']
+    # Copies: a step that donates its input must not see one buffer twice.
+    state = state.replace(centre=jax.tree.map(np.array, centre))
+    # The anchor θ_{t−1} is the previous model, as the optimizer sees it.
+    anchor = jax.tree.map(np.array, train_state.optimizer_params(state, centre))
+    leaves, treedef = jax.tree.flatten(template.opt_state, is_leaf=_is_penalty)
+    saved_penalties = iter(tree['penalties'])
+    moments = iter(tree.get('moments', []))
+    out = []
+    for like in leaves:
+        if _is_penalty(like):
+            saved = next(saved_penalties)
+            out.append(
+                like.replace(
+                    anchor=anchor,
+                    curvature=jax.tree.map(
+                        _square, saved['curvature'], like.curvature
+                    ),
+                    **{k: saved[k] for k in _COUNTERS if k in saved},
+                )
+            )
+        else:  # between tasks: replaced by begin_task's fresh moments
+            out.append(like if between_tasks else next(moments))
+    return state.replace(opt_state=jax.tree.unflatten(treedef, out))
 
 
 def buffer_tree(buffer: ReplayBuffer | None, spec: BufferSpec) -> dict:
@@ -201,8 +281,11 @@ def save(
     """Saves (state, buffer, meta) at global `step` if the policy says so
     (always with `force`). `state` is a host TrainState. Returns whether a
     save started."""
+    between = meta['steps_done'] == 0
     items = {
-        'state': ocp.args.StandardSave(state_tree(state)),
+        'state': ocp.args.StandardSave(
+            state_tree(state, between_tasks=between)
+        ),
         'meta': ocp.args.JsonSave(meta),
     }
     if buffer_spec is not None:
@@ -243,8 +326,10 @@ def restore(
 ) -> tuple[Any, ReplayBuffer | None, dict[str, Any]]:
     """(state, buffer, meta) of checkpoint `step`; `state` is a host
     TrainState of the run, used as the template (values restore as NumPy)."""
+    between = read_meta(mngr, step)['steps_done'] == 0
+    template = jax.device_get(state_tree(state, between_tasks=between))
     items = {
-        'state': ocp.args.StandardRestore(jax.device_get(state_tree(state))),
+        'state': ocp.args.StandardRestore(template),
         'meta': ocp.args.JsonRestore(),
     }
     if buffer_spec is not None:
@@ -255,7 +340,8 @@ def restore(
     buffer = None
     if buffer_spec is not None:
         buffer = buffer_from_tree(out['buffer'], buffer_spec)
-    return state.replace(**out['state']), buffer, out['meta']
+    restored = state_from_tree(out['state'], state, between_tasks=between)
+    return restored, buffer, out['meta']
 
 
 def restore_latest(

@@ -142,8 +142,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "config.curvature.kind must be 'kfac' or 'tkfac'.",
     )
     need(
-        config.curvature.num_batches >= 1 and config.curvature.batch_size >= 1,
-        'config.curvature.num_batches and batch_size must be >= 1.',
+        config.curvature.num_batches >= 1
+        and config.curvature.batch_size >= 1
+        and config.curvature.penalty_every >= 1,
+        'config.curvature.num_batches, batch_size and penalty_every must be '
+        '>= 1.',
     )
     name = config.backbone.name
     need(

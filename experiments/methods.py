@@ -204,6 +204,8 @@ def method_config(config: ml_collections.ConfigDict) -> dj.MethodConfig:
     fields: dict[str, Any] = {}
     if mcfg.regularizer in ('kfac', 'tkfac'):
         fields['regularizer'] = config.curvature.kind
+    if mcfg.regularizer != 'none':
+        fields['penalty_every'] = config.curvature.penalty_every
     # Task-IL heads are separate per task and not regularized
     # (docs/method.md §4.1).
     fields['regularize_head'] = config.setting != 'task_il'

@@ -665,3 +665,27 @@ def write_outputs(results: Mapping[str, Any], workdir: Path) -> None:
         f'-> {workdir / "results.json"}, summary.txt, results.png, log.jsonl, '
         'tensorboard/'
     )
+
+
+def profile_line(profile: Mapping[str, Any]) -> str:
+    """One line of where this invocation's wall time went (see
+    `experiments.profiling`)."""
+    totals = profile['totals']
+    parts = ', '.join(
+        f'{name} {totals[name]:.0f} s'
+        for name in (
+            'compile',
+            'train',
+            'data',
+            'curvature',
+            'eval',
+            'checkpoint',
+            'other',
+        )
+        if totals.get(name, 0.0) >= 0.5
+    )
+    return (
+        f"time: {totals['total']:.0f} s = {parts} "
+        f"({profile['compilations']} compilations, "
+        f"{profile['cache_hits']} from the cache)"
+    )

@@ -68,6 +68,7 @@ from experiments import (
     datasets,
     input_pipeline,
     methods,
+    profiling,
     reporting,
 )
 from experiments.cli import ConfigError  # noqa: F401  (re-exported)
@@ -169,13 +170,19 @@ def compile_functions() -> Compiled:
 
 
 @functools.cache
-def begin_task_fn(n: int) -> Callable[..., Any]:
-    """`dj.begin_task` with N_t = n, on the replicated state."""
+def _begin_task_pmap() -> Callable[..., Any]:
     return jax.pmap(
-        lambda s, mask: dj.begin_task(s, num_steps=n, class_mask=mask),
-        in_axes=(0, None),
+        lambda s, mask, n: dj.begin_task(s, num_steps=n, class_mask=mask),
+        in_axes=(0, None, None),
         donate_argnums=0,
     )
+
+
+def begin_task_fn(n: int) -> Callable[..., Any]:
+    """`dj.begin_task` with N_t = n, on the replicated state (one compiled
+    program for every n: N_t is an argument, not a constant)."""
+    fn = _begin_task_pmap()
+    return lambda state, mask: fn(state, mask, np.int32(n))
 
 
 def offer_to_buffer(
@@ -304,17 +311,39 @@ def task_summary(config, t: int, task: Task, accuracy, acc, joint, **timing):
     }
 
 
-def setup_compilation_cache(config: ml_collections.ConfigDict) -> None:
+def default_cache_dir() -> str:
+    """The persistent compilation cache of this user: $JAX_COMPILATION_CACHE_DIR
+    if set, else $XDG_CACHE_HOME/dlcft_jax/xla (~/.cache/dlcft_jax/xla)."""
+    if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+        return os.environ['JAX_COMPILATION_CACHE_DIR']
+    root = os.environ.get('XDG_CACHE_HOME') or os.path.join(
+        os.path.expanduser('~'), '.cache'
+    )
+    return os.path.join(root, 'dlcft_jax', 'xla')
+
+
+def setup_compilation_cache(config: ml_collections.ConfigDict) -> str | None:
+    """Turns on JAX's persistent compilation cache (`default_cache_dir()`,
+    `config.compilation_cache_dir` to move it, '' to turn it off): a second
+    run, or another method with the same shapes, reads its programs from
+    disk instead of compiling them. Every program is cached, however quick
+    to compile (a run has many small ones). Returns the folder, or None."""
     path = config.compilation_cache_dir
     if path == '':
-        return
-    if path is None:
-        path = os.path.join(
-            os.path.expanduser('~'), '.cache', 'dlcft_jax', 'xla'
-        )
-    os.makedirs(path, exist_ok=True)
+        return None
+    path = os.path.expanduser(path or default_cache_dir())
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f'The compilation cache folder {path} cannot be created '
+            f'({e.strerror or e}). Pass --config.compilation_cache_dir=DIR '
+            "with a writable DIR, or '' to run without the cache."
+        ) from None
     jax.config.update('jax_compilation_cache_dir', path)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+    return path
 
 
 def init_distributed(config: ml_collections.ConfigDict) -> None:
@@ -358,6 +387,7 @@ def train_and_evaluate(
     config_checks.check_devices(config)
     t_start = time.time()
     setup_compilation_cache(config)
+    profile = profiling.Profile().__enter__()
     workdir = Path(workdir)
     chief = jax.process_index() == 0
 
@@ -438,7 +468,9 @@ def train_and_evaluate(
 
     def save(t, k, force=False, train_s=None):
         g = sum(steps[:t]) + k
-        if force or ckpt.should_save(g):
+        if not (force or ckpt.should_save(g)):
+            return
+        with profile.phase('checkpoint', t if k else t - 1):
             checkpointing.save(
                 ckpt,
                 g,
@@ -489,6 +521,7 @@ def train_and_evaluate(
             before = resumed_train_s if k0 else 0.0
             clock = time.time()
             input_wait = 0.0
+            phase = profile.begin('train', t)
 
             # begin
             if k0 == 0 and not free:
@@ -564,11 +597,15 @@ def train_and_evaluate(
                         )
                 if progress is not None:
                     progress.close()
+            jax.block_until_ready(state)
+            profile.add(t, 'data', input_wait)
+            profile.end(phase, moved=input_wait)
             train_s = before + time.time() - clock
             k0 = 0
 
             # curvature, anchor (methods with a penalty)
             clock = time.time()
+            phase = profile.begin('curvature', t)
             if not free:
                 curvature = None
                 if state.penalty_state is not None:
@@ -599,14 +636,16 @@ def train_and_evaluate(
                     ),
                     logits_fn,
                 )
+            jax.block_until_ready(state)
+            profile.end(phase)
             curvature_s = time.time() - clock
 
             # evaluation
             clock = time.time()
-
-            accuracy = evaluate(
-                config, method, tasks, t, num_classes, scores_of
-            )
+            with profile.phase('eval', t):
+                accuracy = evaluate(
+                    config, method, tasks, t, num_classes, scores_of
+                )
             acc[t][: len(accuracy)] = accuracy
             eval_s = time.time() - clock
 
@@ -642,8 +681,10 @@ def train_and_evaluate(
         diverged = str(e)
     finally:
         # Async saves complete before the process ends, error or not.
-        checkpointing.close(ckpt)
+        with profile.phase('checkpoint', max(len(per_task) - 1, 0)):
+            checkpointing.close(ckpt)
         log.close()
+        profile.__exit__(None, None, None)
 
     # -- outputs --------------------------------------------------------------
     done = len(per_task)
@@ -682,8 +723,11 @@ def train_and_evaluate(
     }
     if diverged:
         results['stopped'] = diverged
+    timing = profile.summary(total_s=time.time() - t_start)
+    results['profile'] = timing
     if chief:
         reporting.write_outputs(results, workdir)
+        print(reporting.profile_line(timing), flush=True)
     if diverged:
         raise FloatingPointError(
             f'{diverged} The run stopped: results.json in {workdir} holds '

@@ -516,3 +516,32 @@ def test_outputs_no_data_term_touches_stay_put(update_all):
         )
         > 1e-4
     )
+
+
+def test_penalty_every_k_refreshes_the_product_and_reuses_it_between():
+    """`quadratic_penalty(every=k)`: the product H̄δ is exact at the first
+    update of a task and every k-th after it, and the last refreshed one is
+    used in between; every=1 is exact at every update."""
+    d = jnp.asarray([1.0, 2.0, 3.0])
+    curv = dj.DiagonalCurvature(diag={'w': d})
+    anchor = {'w': jnp.zeros(3)}
+    grads = {'w': jnp.zeros(3)}
+    outs = {}
+    for every in (1, 3):
+        tx = penalty.quadratic_penalty(dj.EWC(), curvature=curv, every=every)
+        state = tx.init(anchor)
+        # One finished task (t = 1): the update is (g + H̄δ)/2.
+        state = penalty.end_task(state, anchor, curv)
+        state = penalty.carry_over(tx.init(anchor), state)
+        got = []
+        for k in range(7):
+            params = {'w': jnp.full(3, float(k + 1))}
+            update, state = tx.update(grads, state, params)
+            got.append(np.asarray(update['w']))
+        outs[every] = got
+    exact = [0.5 * np.asarray(d) * (k + 1) for k in range(7)]
+    np.testing.assert_allclose(outs[1], exact, rtol=1e-6)
+    lagged = [exact[k - k % 3] for k in range(7)]
+    np.testing.assert_allclose(outs[3], lagged, rtol=1e-6)
+    with pytest.raises(ValueError, match='every'):
+        penalty.quadratic_penalty(dj.EWC(), every=0)

@@ -178,3 +178,61 @@ def test_der_pp_resumes_mid_task_to_the_same_results(
         return [e['loss'] for e in log if 'loss' in e]
 
     assert losses(tmp_path / 'frozen') != losses(tmp_path / 'straight')
+
+
+def test_non_linear_penalty_with_a_lagged_product_resumes_mid_task(
+    tmp_path, npz_dir, monkeypatch
+):
+    """OSLA (non-linear network: the anchor ψ0 + Δ is rebuilt from the saved
+    previous model) with the penalty product every 2 steps (its cached H̄δ
+    and counter are saved) resumes exactly from a mid-task checkpoint."""
+
+    def config():
+        return tiny_config(
+            npz_dir, method='osla', **{'curvature.penalty_every': 2}
+        )
+
+    reference = train.train_and_evaluate(config(), str(tmp_path / 'straight'))
+    workdir = tmp_path / 'interrupted'
+    _interrupt_after(monkeypatch, 4)  # task 2, step 2
+    with pytest.raises(Interrupted):
+        train.train_and_evaluate(config(), str(workdir))
+    monkeypatch.undo()
+    resumed = train.train_and_evaluate(config(), str(workdir))
+    assert without_timings(resumed) == without_timings(reference)
+
+
+def test_a_checkpoint_holds_what_changes(tmp_path, npz_dir):
+    """Between tasks a checkpoint holds the parameters, the packed curvature
+    and the counters: no ψ0, no anchor, no moments, no second copy of the
+    parameters. The packed factors unpack to symmetric ones, bit for bit."""
+    train.train_and_evaluate(tiny_config(npz_dir), str(tmp_path / 'run'))
+    mngr = checkpointing.manager(tmp_path / 'run', every_steps=0, max_to_keep=2)
+    raw = mngr.restore(
+        mngr.latest_step(),
+        args=ocp.args.Composite(state=ocp.args.StandardRestore()),
+    )['state']
+    mngr.close()
+    assert set(raw) == {
+        'step',
+        'task',
+        'num_steps',
+        'params',
+        'class_mask',
+        'penalties',
+    }
+    (pen,) = raw['penalties']
+    assert set(pen) == {'curvature', 'num_tasks', 'last_value'}
+    packed = np.asarray(pen['curvature']['head']['A'])
+    assert packed.ndim == 1  # the upper triangle of (D+1, D+1)
+    n = int(round((np.sqrt(8 * packed.size + 1) - 1) / 2))
+    full = checkpointing._square(packed, np.zeros((n, n), packed.dtype))
+    np.testing.assert_array_equal(full, full.T)
+    np.testing.assert_array_equal(checkpointing._triangles(full), packed)
+    # Depthwise layouts (C, K, K) pack along the last two axes.
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(3, 4, 4)).astype(np.float32)
+    m = m + np.swapaxes(m, -1, -2)
+    np.testing.assert_array_equal(
+        checkpointing._square(checkpointing._triangles(m), m), m
+    )

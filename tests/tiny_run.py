@@ -11,6 +11,7 @@ TIMING_KEYS = (
     'curvature_s',
     'eval_s',
     'input_wait_frac',
+    'profile',
 )
 
 # The tiny class-IL run: 2 tasks of 2 classes, 6 + 3 steps, replay on.
