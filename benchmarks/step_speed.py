@@ -30,10 +30,7 @@ mode / plain).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -46,6 +43,7 @@ import optax
 from absl import app, flags
 
 import dlcft_jax as dj
+from benchmarks.hardware import hardware  # noqa: F401 (re-exported)
 from dlcft_jax import models
 
 _SIZE = flags.DEFINE_integer('image_size', 64, 'Input resolution (pixels).')
@@ -75,29 +73,6 @@ _EVERY = flags.DEFINE_list(
     ['1'],
     'Also time DLCFT with the penalty product every k steps, for each k > 1.',
 )
-
-
-def hardware() -> dict[str, Any]:
-    """What the figures were measured on."""
-    cpu = platform.processor() or platform.machine()
-    # /proc/cpuinfo names the CPU on Linux; elsewhere keep platform's answer.
-    with (
-        contextlib.suppress(OSError),
-        open('/proc/cpuinfo', encoding='utf-8') as f,
-    ):
-        for line in f:
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    dev = jax.devices()[0]
-    return {
-        'backend': jax.default_backend(),
-        'device': dev.device_kind,
-        'num_devices': jax.device_count(),
-        'cpu': cpu,
-        'cpu_count': os.cpu_count(),
-        'jax': jax.__version__,
-    }
 
 
 def time_step(

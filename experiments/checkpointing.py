@@ -397,6 +397,18 @@ def _set_aside(
     )
 
 
+def sizes(workdir: Path) -> dict[int, int]:
+    """Bytes on disk of each checkpoint in WORKDIR/checkpoints, by step."""
+    root = Path(workdir) / 'checkpoints'
+    if not root.is_dir():
+        return {}
+    return {
+        int(d.name): sum(f.stat().st_size for f in d.rglob('*') if f.is_file())
+        for d in root.iterdir()
+        if d.name.isdigit()
+    }
+
+
 def close(mngr: ocp.CheckpointManager) -> None:
     """Waits for the last asynchronous save, then closes the manager."""
     try:

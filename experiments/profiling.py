@@ -59,14 +59,19 @@ class Profile:
         self._lock = threading.Lock()
         self.compilations = 0
         self.cache_hits = 0
+        # Compile seconds by the compiled function's name.
+        self.by_function: dict[str, float] = {}
         self._start = time.perf_counter()
 
     # -- jax.monitoring listeners -------------------------------------------
     def _on_duration(self, event: str, duration_secs: float, **kwargs):
-        del kwargs
         if event not in COMPILE_EVENTS:
             return
+        name = str(kwargs.get('fun_name', '?'))
         with self._lock:
+            self.by_function[name] = (
+                self.by_function.get(name, 0.0) + duration_secs
+            )
             self._add(self._where[0], 'compile', duration_secs)
             self._compiled += duration_secs
             if event.endswith('backend_compile_duration'):
@@ -158,11 +163,14 @@ class Profile:
         rows = self.rows(total_s=total_s)
         keys = (*COLUMNS, 'other', 'total')
         totals = {k: sum(r.get(k, 0.0) for r in rows) for k in keys}
+        top = sorted(self.by_function.items(), key=lambda kv: -kv[1])
         return {
             'rows': rows,
             'totals': totals,
             'compilations': self.compilations,
             'cache_hits': self.cache_hits,
+            # The ten functions that took longest to trace, lower, compile.
+            'compile_by_function': dict(top[:10]),
         }
 
 
@@ -183,6 +191,12 @@ def table(summary: Mapping[str, Any], title: str = '') -> str:
         f"{summary['compilations']} XLA compilations, "
         f"{summary['cache_hits']} read from the persistent cache"
     )
+    top = list(summary.get('compile_by_function', {}).items())[:4]
+    if top:
+        lines.append(
+            'compile time by function: '
+            + ', '.join(f'{name} {sec:.1f} s' for name, sec in top)
+        )
     return '\n'.join(lines)
 
 

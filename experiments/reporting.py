@@ -689,3 +689,20 @@ def profile_line(profile: Mapping[str, Any]) -> str:
         f"({profile['compilations']} compilations, "
         f"{profile['cache_hits']} from the cache)"
     )
+
+
+def checkpoint_line(sizes: Mapping[int, int]) -> str:
+    """'checkpoints: 2 kept (steps 250, 300), 21.0 MB each' (or the sizes)."""
+    if not sizes:
+        return 'checkpoints: none kept'
+    steps = sorted(sizes)
+    mb = [sizes[s] / 1e6 for s in steps]
+    each = (
+        f'{mb[0]:.1f} MB each'
+        if max(mb) - min(mb) < 0.05 * max(mb)
+        else ', '.join(f'{m:.1f}' for m in mb) + ' MB'
+    )
+    return (
+        f'checkpoints: {len(steps)} kept (steps '
+        f'{", ".join(map(str, steps))}), {each}, {sum(mb):.1f} MB in all'
+    )

@@ -725,9 +725,12 @@ def train_and_evaluate(
         results['stopped'] = diverged
     timing = profile.summary(total_s=time.time() - t_start)
     results['profile'] = timing
+    ckpt_bytes = checkpointing.sizes(workdir)
+    results['checkpoint_bytes'] = {str(k): v for k, v in ckpt_bytes.items()}
     if chief:
         reporting.write_outputs(results, workdir)
         print(reporting.profile_line(timing), flush=True)
+        print(reporting.checkpoint_line(ckpt_bytes))
     if diverged:
         raise FloatingPointError(
             f'{diverged} The run stopped: results.json in {workdir} holds '

@@ -12,6 +12,7 @@ TIMING_KEYS = (
     'eval_s',
     'input_wait_frac',
     'profile',
+    'checkpoint_bytes',
 )
 
 # The tiny class-IL run: 2 tasks of 2 classes, 6 + 3 steps, replay on.
