@@ -7,7 +7,9 @@ The public API:
   `axis_name`, and `parallel` wraps it with `pmap` / `shard_map`.
 * `create_state`, `begin_task`, `end_task`, `estimate_curvature`, `predict`:
   the task loop around it.
-* `linearize`, `tangent_apply`: the linearized network.
+* `linearize`, `tangent_apply`: the linearized network; `Model`: the
+  trained network of a method (linearized or not, exact head) as pure
+  functions of (ψ0, parameters, inputs).
 * `penalty.quadratic_penalty`: the penalty of past tasks as an optax
   transformation for your own chain; `curvature_kinds`: the curvature values
   (K-FAC, diagonal) and their estimators (K-FAC, EWC, MAS).
@@ -22,6 +24,7 @@ from dlcft_jax import (
     curvature_kinds,
     linearization,
     losses,
+    model,
     parallel,
     penalty,
     prototypes,
@@ -36,6 +39,7 @@ from dlcft_jax.curvature_kinds import (
     KroneckerCurvature,
 )
 from dlcft_jax.linearization import linearize, merge, split, tangent_apply
+from dlcft_jax.model import Model
 from dlcft_jax.train_state import (
     MethodConfig,
     TrainState,
@@ -59,6 +63,7 @@ __all__ = [
     'KroneckerCurvature',
     'MAS',
     'MethodConfig',
+    'Model',
     'TrainState',
     'begin_task',
     'create_state',
@@ -71,6 +76,7 @@ __all__ = [
     'losses',
     'make_optimizer',
     'merge',
+    'model',
     'parallel',
     'penalty',
     'predict',

@@ -69,6 +69,7 @@ import numpy as np
 from flax import traverse_util
 
 from dlcft_jax import linearization as lin
+from dlcft_jax.losses import masked_logits
 
 Params = Any
 Curvature = dict  # {'layers': {key: {'A','S','trace'}}, 'head': {'A','S'}}
@@ -401,8 +402,6 @@ def pseudo_residual(
             lambda k: jax.random.normal(k, logits.shape[1:], logits.dtype)
         )(keys)
     else:
-        from dlcft_jax.losses import masked_logits  # pylint: disable=g-import-not-at-top
-
         ml = masked_logits(logits, class_mask)
         y = jax.vmap(jax.random.categorical)(keys, ml)
         r = jax.nn.softmax(ml, axis=-1) - jax.nn.one_hot(

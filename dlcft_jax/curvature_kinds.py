@@ -18,7 +18,16 @@ averaged on device, `pmap`ped and checkpointed like any array tree.
 
 The kinds are small frozen (hashable) descriptions of how to estimate a value
 from one batch of the task just trained; `estimate_curvature` averages them
-over batches:
+over batches. Each takes what it needs and no more:
+
+    kind.batch(model, params0, params, batch, rng, *, class_mask=None,
+               axis_name=None) -> value
+
+`model` is the `dlcft_jax.model.Model` being trained (backbone `apply_fn`,
+linearized or not, the loss whose outputs the pseudo-targets follow), ψ0
+and the parameters {'backbone': Δψ, 'head': ...} are values, `class_mask`
+the active outputs ((C,) or (B, C)), `axis_name` a mapped axis to average
+over. The kinds:
 
 * `KFAC(restricted=False, head=True)`: K-FAC statistics of the model the
   state trains: the linearized backbone (DLCFT: factors at ψ0, pseudo-targets
@@ -57,7 +66,9 @@ import jax
 import jax.numpy as jnp
 
 from dlcft_jax import curvature as curv_lib
+from dlcft_jax import losses
 from dlcft_jax import regularizer as reg_lib
+from dlcft_jax.model import Model
 
 Params = Any
 Batch = Mapping[str, jax.Array]
@@ -152,10 +163,6 @@ Curvature = KroneckerCurvature | DiagonalCurvature
 # Kinds (estimators).
 
 
-def _class_mask(state, batch: Batch) -> jax.Array:
-    return batch.get('class_mask', state.class_mask)
-
-
 def _weighted_mean(per_example, weights, axis_name):
     """Σ_n w_n x_n / Σ_n w_n over the batch (and the mapped axis)."""
     if weights is None:
@@ -184,23 +191,26 @@ class KFAC:
 
     def batch(
         self,
-        state,
+        model: Model,
+        params0: Params,
+        params: Params,
         batch: Batch,
         rng: jax.Array,
         *,
+        class_mask: jax.Array | None = None,
         axis_name: str | None = None,
     ) -> KroneckerCurvature:
-        """Statistics of one batch at the current parameters (pure)."""
+        """Statistics of one batch at `params` (pure); see `Kind`."""
         stats = curv_lib.batch_curvature(
-            state.apply_fn,
-            state.params0,
-            state.params['backbone'],
-            state.params['head'],
+            model.apply_fn,
+            params0,
+            params['backbone'],
+            params['head'],
             batch['image'],
             rng,
-            linearized=state.config.linearized,
-            loss=state.config.loss,
-            class_mask=_class_mask(state, batch),
+            linearized=model.linearized,
+            loss=model.loss,
+            class_mask=class_mask,
             weights=batch.get('weight'),
             with_trace=self.restricted,
             axis_name=axis_name,
@@ -212,7 +222,7 @@ class KFAC:
         )
 
 
-def _diagonal(state, batch, objective, stat, head, axis_name):
+def _diagonal(model, params0, params, batch, objective, stat, head, mask):
     """E_n[stat(∂ objective(f(x_n; θ), m_n, n)/∂θ)], vmapped per example.
 
     `objective(logits (C,), mask (C,), n)` is a scalar; each example runs as
@@ -220,25 +230,24 @@ def _diagonal(state, batch, objective, stat, head, axis_name):
     layer see the shapes they expect. The mean is weighted by
     `batch['weight']` (over all devices with `axis_name`).
     """
-    from dlcft_jax import train_state  # pylint: disable=g-import-not-at-top
-
     n = batch['image'].shape[0]
-    masks = jnp.broadcast_to(
-        _class_mask(state, batch), (n, state.class_mask.shape[0])
-    )
+    num_classes = params['head']['bias'].shape[-1]
+    if mask is None:
+        mask = jnp.ones((num_classes,), params['head']['bias'].dtype)
+    masks = jnp.broadcast_to(mask, (n, num_classes))
 
     def one(x, m, i):
         def per_example(p):
-            return objective(
-                train_state.apply_model(state, p, x[None])[0], m, i
-            )
+            return objective(model.logits(params0, p, x[None])[0], m, i)
 
-        return jax.grad(per_example)(state.params)
+        return jax.grad(per_example)(params)
 
-    grads = jax.vmap(one)(batch['image'], masks, jnp.arange(n))
+    return jax.vmap(one)(batch['image'], masks, jnp.arange(n))
+
+
+def _diagonal_mean(grads, stat, head, weights, axis_name):
     diag = jax.tree.map(
-        lambda g: _weighted_mean(stat(g), batch.get('weight'), axis_name),
-        grads,
+        lambda g: _weighted_mean(stat(g), weights, axis_name), grads
     )
     if not head:
         diag = {**diag, 'head': _zeros_like(diag['head'])}
@@ -249,7 +258,7 @@ def _diagonal(state, batch, objective, stat, head, axis_name):
 class _DiagonalKind:
     """A diagonal kind: E_n[stat(∂ objective_n/∂θ)] over a batch.
 
-    A subclass gives `stat` and `objective(state, batch, rng, axis_name)`,
+    A subclass gives `stat` and `objective(model, batch, rng, axis_name)`,
     which returns the per-example scalar `fn(logits (C,), mask (C,), n)`
     (see `_diagonal`).
 
@@ -261,16 +270,29 @@ class _DiagonalKind:
 
     def batch(
         self,
-        state,
+        model: Model,
+        params0: Params,
+        params: Params,
         batch: Batch,
         rng: jax.Array,
         *,
+        class_mask: jax.Array | None = None,
         axis_name: str | None = None,
     ) -> DiagonalCurvature:
-        """The diagonal of one batch at the current parameters (pure)."""
-        objective = self.objective(state, batch, rng, axis_name)
-        return _diagonal(
-            state, batch, objective, self.stat, self.head, axis_name
+        """The diagonal of one batch at `params` (pure); see `Kind`."""
+        objective = self.objective(model, batch, rng, axis_name)
+        grads = _diagonal(
+            model,
+            params0,
+            params,
+            batch,
+            objective,
+            self.stat,
+            self.head,
+            class_mask,
+        )
+        return _diagonal_mean(
+            grads, self.stat, self.head, batch.get('weight'), axis_name
         )
 
 
@@ -286,16 +308,14 @@ class EWC(_DiagonalKind):
     name = 'ewc'
     stat = staticmethod(jnp.square)
 
-    def objective(self, state, batch, rng, axis_name):
+    def objective(self, model, batch, rng, axis_name):
         """−log p(ỹ_n | x_n) with ỹ_n drawn from the model."""
-        from dlcft_jax import losses  # pylint: disable=g-import-not-at-top
-
         n = batch['image'].shape[0]
         offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * n
         keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(
             offset + jnp.arange(n)
         )
-        mse = state.config.loss == 'mse'
+        mse = model.loss == 'mse'
 
         def neg_log_lik(logits, m, i):
             if mse:
@@ -317,9 +337,9 @@ class MAS(_DiagonalKind):
     name = 'mas'
     stat = staticmethod(jnp.abs)
 
-    def objective(self, state, batch, rng, axis_name):
+    def objective(self, model, batch, rng, axis_name):
         """‖f(x_n)‖² over the active outputs (`rng` is unused)."""
-        del state, batch, rng, axis_name
+        del model, batch, rng, axis_name
 
         def sq_norm(logits, m, i):
             del i
@@ -339,9 +359,17 @@ KINDS = {
 }
 
 
-def zeros(kind: CurvatureKind, state, example_batch: Batch) -> Curvature:
-    """A zero curvature of `kind` with the shapes the state's model gives."""
+def zeros(
+    kind: CurvatureKind,
+    model: Model,
+    params0: Params,
+    params: Params,
+    example_batch: Batch,
+) -> Curvature:
+    """A zero curvature of `kind` with the shapes the model gives."""
     shapes = jax.eval_shape(
-        lambda: kind.batch(state, example_batch, jax.random.key(0))
+        lambda: kind.batch(
+            model, params0, params, example_batch, jax.random.key(0)
+        )
     )
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

@@ -55,6 +55,7 @@ from dlcft_jax import curvature_kinds as kinds
 from dlcft_jax import linearization as lin
 from dlcft_jax import losses
 from dlcft_jax import penalty as pen_lib
+from dlcft_jax.model import Model, head_apply
 
 Params = Any
 Batch = Mapping[str, jax.Array]
@@ -463,7 +464,7 @@ def create_state(
     pen = pen_lib.find(opt_state)
     if pen is not None and pen.curvature is None:
         example = {'image': example_input}
-        zero = kinds.zeros(pen.kind, state, example)
+        zero = kinds.zeros(pen.kind, model_of(state), params0, params, example)
         opt_state = pen_lib.with_curvature(opt_state, zero)
         _warn_unregularized(params, zero)
     opt_state = pen_lib.set_num_steps(opt_state, num_steps)
@@ -474,29 +475,20 @@ def _copy(tree: Params) -> Params:
     return jax.tree.map(jnp.copy, tree)
 
 
+def model_of(state: TrainState) -> Model:
+    """The `Model` part of the state's method."""
+    cfg = state.config
+    return Model(state.apply_fn, cfg.linearized, cfg.loss, cfg.grad_mode)
+
+
 def features(state: TrainState, params: Params, x: jax.Array) -> jax.Array:
     """z = g_lin(x; ψ0 + Δψ) (DLCFT) or g(x; ψ0 + Δψ) (non-linear)."""
-    if state.config.linearized:
-        return lin.tangent_apply(
-            state.apply_fn,
-            state.params0,
-            params['backbone'],
-            x,
-            grad_mode=state.config.grad_mode,
-        )
-    return lin.shifted_apply(
-        state.apply_fn, state.params0, params['backbone'], x
-    )
-
-
-def head_apply(params: Params, z: jax.Array) -> jax.Array:
-    """f = W z + b."""
-    return z @ params['head']['kernel'] + params['head']['bias']
+    return model_of(state).features(state.params0, params, x)
 
 
 def apply_model(state: TrainState, params: Params, x: jax.Array) -> jax.Array:
     """f = W̄ᵀ[z; 1], the head kept exact on top of the (linearized) backbone."""
-    return head_apply(params, features(state, params, x))
+    return model_of(state).logits(state.params0, params, x)
 
 
 def _train_forward(state: TrainState, params: Params, x: jax.Array):
@@ -772,7 +764,15 @@ def curvature_step(
             'This state has no penalty (regularizer none, or a user tx without '
             'penalty.quadratic_penalty): there is no curvature to estimate.'
         )
-    return pen.kind.batch(state, batch, rng, axis_name=axis_name)
+    return pen.kind.batch(
+        model_of(state),
+        state.params0,
+        state.params,
+        batch,
+        rng,
+        class_mask=batch.get('class_mask', state.class_mask),
+        axis_name=axis_name,
+    )
 
 
 _curvature_step_jit = jax.jit(curvature_step)

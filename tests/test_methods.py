@@ -67,6 +67,11 @@ def _assert_mean_equals(got, per_example):
     )
 
 
+def _kind_args(state):
+    """What a curvature kind takes of a state: model, ψ0, parameters."""
+    return ts.model_of(state), state.params0, state.params
+
+
 def _per_example_grad(state, x, objective):
     """∂ objective(f(x; θ))/∂θ for one example, plain autodiff."""
     return jax.grad(lambda p: objective(ts.apply_model(state, p, x[None])[0]))(
@@ -79,7 +84,7 @@ def test_ewc_diagonal_is_the_mean_squared_gradient_with_sampled_labels(loss):
     state = _state(dj.MethodConfig.ewc(loss=loss))
     batch = _batch()
     rng = jax.random.key(7)
-    got = dj.curvature_kinds.EWC().batch(state, batch, rng)
+    got = dj.curvature_kinds.EWC().batch(*_kind_args(state), batch, rng)
     assert isinstance(got, dj.DiagonalCurvature)
     squares = []
     for i in range(batch['image'].shape[0]):
@@ -106,7 +111,9 @@ def test_ewc_diagonal_is_the_mean_squared_gradient_with_sampled_labels(loss):
 def test_mas_importance_is_the_mean_absolute_gradient_of_the_output_norm():
     state = _state(dj.MethodConfig.mas())
     batch = _batch()
-    got = dj.curvature_kinds.MAS().batch(state, batch, jax.random.key(0))
+    got = dj.curvature_kinds.MAS().batch(
+        *_kind_args(state), batch, jax.random.key(0)
+    )
     grads = [
         jax.tree.map(
             jnp.abs,
@@ -122,7 +129,7 @@ def test_mas_importance_is_the_mean_absolute_gradient_of_the_output_norm():
 def test_diagonal_penalty_is_half_weighted_squared_distance_and_task_head():
     state = _state(dj.MethodConfig.ewc(regularize_head=False))
     curv = dj.curvature_kinds.EWC(head=False).batch(
-        state, _batch(), jax.random.key(0)
+        *_kind_args(state), _batch(), jax.random.key(0)
     )
     # task-IL: no head entries in the penalty
     assert all(
