@@ -52,6 +52,7 @@ import optax
 from flax import traverse_util
 
 from dlcft_jax import curvature_kinds as kinds
+from dlcft_jax import data_terms as dterms
 from dlcft_jax import linearization as lin
 from dlcft_jax import losses
 from dlcft_jax import penalty as pen_lib
@@ -320,6 +321,8 @@ class TrainState(flax.struct.PyTreeNode):
       loss_fn: static, `loss(logits, labels, *, class_mask, weights)`.
       train_apply_fn: static, `(variables, x) -> (features, {'batch_stats':
         ...})` in training mode (only for `config.bn_train`).
+      data_terms: static, the `data_terms.DataTerm`s the step sums (None:
+        those of `config`, see `data_terms_of`).
     """
 
     step: jax.Array
@@ -335,6 +338,9 @@ class TrainState(flax.struct.PyTreeNode):
     config: MethodConfig = flax.struct.field(pytree_node=False)
     loss_fn: LossFn = flax.struct.field(pytree_node=False, default=None)
     train_apply_fn: Callable[..., Any] | None = flax.struct.field(
+        pytree_node=False, default=None
+    )
+    data_terms: tuple | None = flax.struct.field(
         pytree_node=False, default=None
     )
 
@@ -385,6 +391,7 @@ def create_state(
     head: Params | None = None,
     num_steps: int = 1,
     train_apply_fn: Callable[..., Any] | None = None,
+    data_terms: tuple | None = None,
 ) -> TrainState:
     """Builds the initial state: Δψ = 0, a zero head (unless given), t = 0.
 
@@ -411,6 +418,9 @@ def create_state(
       num_steps: N_0 for the first task's schedule.
       train_apply_fn: with `config.bn_train`, the backbone in training mode,
         `(variables, x) -> (features, {'batch_stats': new statistics})`.
+      data_terms: your own `data_terms.DataTerm`s for the step to sum
+        instead of those of `config` (e.g. the config's plus one more:
+        `data_terms_of(state) + (my_term,)`).
 
     Returns:
       The `TrainState`.
@@ -459,6 +469,7 @@ def create_state(
         config=config,
         loss_fn=default_loss(config) if loss is None else loss,
         train_apply_fn=train_apply_fn,
+        data_terms=None if data_terms is None else tuple(data_terms),
     )
     opt_state = tx.init(optimizer_params(state, params))
     pen = pen_lib.find(opt_state)
@@ -473,6 +484,23 @@ def create_state(
 
 def _copy(tree: Params) -> Params:
     return jax.tree.map(jnp.copy, tree)
+
+
+def data_terms_of(state: TrainState) -> tuple[dterms.DataTerm, ...]:
+    """The data terms of the state's method: the label loss (`loss_fn`),
+    DER's logit term (on when the batch has 'logit_target') and, with
+    `config.distill`, LwF's distillation weighted as a past term."""
+    if state.data_terms is not None:
+        return state.data_terms
+    cfg = state.config
+    terms = [dterms.labels(state.loss_fn), dterms.der_logits()]
+    if cfg.distill != 'none':
+        terms.append(
+            dterms.distillation(
+                cfg.distill, cfg.distill_temperature, cfg.distill_group_size
+            )
+        )
+    return tuple(terms)
 
 
 def model_of(state: TrainState) -> Model:
@@ -519,35 +547,8 @@ def learning_rate(state: TrainState) -> jax.Array:
     return jnp.asarray(jnp.nan if lr is None else lr, jnp.float32)
 
 
-def distill_loss(
-    logits: jax.Array,
-    teacher: jax.Array,
-    mask: jax.Array,
-    *,
-    kind: str,
-    temperature: float = 1.0,
-    group_size: int = 0,
-    weights: jax.Array | None = None,
-) -> jax.Array:
-    """LwF's term on the outputs of old classes (`mask` (B, C), 1 = old).
-
-    'kl': KL(softmax(f_old/T) ‖ softmax(f/T)) over the masked outputs (within
-    blocks of `group_size` outputs when > 0, summed over the blocks that have
-    old outputs); 'mse': ½ Σ_c m_c (f_c − f_old,c)². Mean over the batch.
-    """
-    teacher = jax.lax.stop_gradient(teacher)
-    if kind == 'mse':
-        per = 0.5 * jnp.sum(mask * jnp.square(logits - teacher), axis=-1)
-        return losses._mean(per, weights)  # pylint: disable=protected-access
-    b, c = logits.shape
-    g = group_size if group_size > 0 else c
-    shape = (b, c // g, g)
-    s, t, m = (v.reshape(shape) for v in (logits, teacher, mask))
-    log_q = jax.nn.log_softmax(losses.masked_logits(s / temperature, m), -1)
-    log_p = jax.nn.log_softmax(losses.masked_logits(t / temperature, m), -1)
-    kl = jnp.sum(m * jnp.exp(log_p) * (log_p - log_q), axis=-1)
-    per = jnp.sum(kl * (jnp.sum(m, axis=-1) > 0), axis=-1)
-    return losses._mean(per, weights)  # pylint: disable=protected-access
+#: LwF's term (moved to `data_terms`; kept here for existing callers).
+distill_loss = dterms.distill_loss
 
 
 def _check_batch(batch: Batch, num_classes: int) -> None:
@@ -607,8 +608,10 @@ def step(
     weights = batch.get('weight')
     t = state.task.astype(jnp.float32)
     n = labels.shape[0]
+    terms = data_terms_of(state)
 
-    if cfg.distill != 'none':
+    teacher = None
+    if dterms.needs_teacher(terms):
         # The previous model's outputs; skipped at t = 0 (weight t = 0).
         num_out = state.class_mask.shape[0]
         teacher = jax.lax.cond(
@@ -616,40 +619,15 @@ def step(
             lambda: apply_model(state, state.centre, x),
             lambda: jnp.zeros((n, num_out), jnp.float32),
         )
+    ctx = dterms.Context(class_mask, weights, teacher)
 
     def objective(params):
         logits, stats = _train_forward(state, params, x)
-        scale = batch.get('label_scale')
-        if scale is None:
-            data = state.loss_fn(
-                logits, labels, class_mask=class_mask, weights=weights
-            )
-        else:
-            w = scale if weights is None else scale * weights
-            norm = n if weights is None else jnp.sum(weights)
-            data = state.loss_fn(
-                logits, labels, class_mask=class_mask, weights=w
-            ) * (jnp.sum(w) / jnp.maximum(norm, 1e-12))
-        if 'logit_target' in batch:
-            sq = jnp.mean(jnp.square(logits - batch['logit_target']), -1)
-            data = data + losses._mean(  # pylint: disable=protected-access
-                batch['logit_scale'] * sq, weights
-            )
+        data = dterms.current(terms, logits, batch, ctx)
         reg = jnp.zeros((), jnp.float32)
         total = data
-        if cfg.distill != 'none':
-            old = batch.get('distill_mask')
-            if old is None:  # every active output (data-IL)
-                old = jnp.broadcast_to(class_mask, logits.shape)
-            reg = distill_loss(
-                logits,
-                teacher,
-                old,
-                kind=cfg.distill,
-                temperature=cfg.distill_temperature,
-                group_size=cfg.distill_group_size,
-                weights=weights,
-            )
+        if dterms.any_past(terms):
+            reg = dterms.past(terms, logits, batch, ctx)
             total = (data + t * reg) / (t + 1.0)
         return total, (logits, data, reg, stats)
 

@@ -552,3 +552,29 @@ def test_penalty_every_k_refreshes_the_product_and_reuses_it_between():
     np.testing.assert_allclose(outs[3], lagged, rtol=1e-6)
     with pytest.raises(ValueError, match='every'):
         penalty.quadratic_penalty(dj.EWC(), every=0)
+
+
+def test_a_data_term_of_ones_own_joins_the_step_without_an_edit_to_it():
+    """Data terms are pure `fn(logits, batch, context)`: the step sums the
+    current ones (L_t) and weights the past ones by t; a user's extra term
+    changes the loss exactly by its own value."""
+    from dlcft_jax import data_terms as dterms
+
+    batch = _batch(8)
+
+    def logit_l2(logits, batch, ctx):
+        del batch, ctx
+        return 0.05 * jnp.mean(jnp.sum(jnp.square(logits), -1))
+
+    base = dj.begin_task(_state(dj.MethodConfig.dlcft()), num_steps=4)
+    extra = base.replace(
+        data_terms=ts.data_terms_of(base) + (dterms.DataTerm(logit_l2),)
+    )
+    _, m0 = dj.step(base, batch)
+    _, m1 = dj.step(extra, batch)
+    logits = ts.apply_model(base, base.params, batch['image'])
+    want = float(m0['data_loss']) + float(logit_l2(logits, batch, None))
+    np.testing.assert_allclose(float(m1['data_loss']), want, rtol=1e-5)
+    assert not dterms.any_past(ts.data_terms_of(extra))
+    lwf = ts.data_terms_of(base.replace(config=dj.MethodConfig.lwf()))
+    assert dterms.any_past(lwf) and dterms.needs_teacher(lwf)
