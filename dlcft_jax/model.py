@@ -35,12 +35,17 @@ class Model:
       loss: 'mse' or 'ce': the output distribution of the curvature's
         pseudo-targets (Gaussian or categorical).
       grad_mode: 'jvp' or 'vjp' (`linearization.tangent_apply`).
+      train_apply_fn: the non-linear backbone with BatchNorm in training
+        mode, `(variables, x) -> (features, {'batch_stats': ...})`, for
+        methods that train the statistics (Mammoth's ER / DER / DER++);
+        None: BatchNorm frozen in training too (DLCFT).
     """
 
     apply_fn: Callable[..., jax.Array]
     linearized: bool = True
     loss: str = 'mse'
     grad_mode: str = 'jvp'
+    train_apply_fn: Callable[..., Any] | None = None
 
     def features(self, params0: Params, params: Params, x: jax.Array):
         """z = g_lin(x; ψ0 + Δψ) (linearized) or g(x; ψ0 + Δψ)."""
@@ -57,6 +62,15 @@ class Model:
     def logits(self, params0: Params, params: Params, x: jax.Array):
         """f = W z + b on the features."""
         return head_apply(params, self.features(params0, params, x))
+
+    def train_logits(self, params0: Params, params: Params, x: jax.Array):
+        """(f, new BatchNorm statistics or None) of a training step."""
+        if self.train_apply_fn is None:
+            return self.logits(params0, params, x), None
+        z, mutated = self.train_apply_fn(
+            lin.shift(params0, params['backbone']), x
+        )
+        return head_apply(params, z), mutated['batch_stats']
 
 
 def head_apply(params: Params, z: jax.Array) -> jax.Array:

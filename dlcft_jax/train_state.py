@@ -56,7 +56,7 @@ from dlcft_jax import data_terms as dterms
 from dlcft_jax import linearization as lin
 from dlcft_jax import losses
 from dlcft_jax import penalty as pen_lib
-from dlcft_jax.model import Model, head_apply
+from dlcft_jax.model import Model, head_apply  # noqa: F401 (re-exported)
 
 Params = Any
 Batch = Mapping[str, jax.Array]
@@ -503,10 +503,14 @@ def data_terms_of(state: TrainState) -> tuple[dterms.DataTerm, ...]:
     return tuple(terms)
 
 
-def model_of(state: TrainState) -> Model:
-    """The `Model` part of the state's method."""
+def model_of(state: TrainState, *, training: bool = False) -> Model:
+    """The `Model` part of the state's method (`training`: with the
+    BatchNorm-training backbone when `config.bn_train`)."""
     cfg = state.config
-    return Model(state.apply_fn, cfg.linearized, cfg.loss, cfg.grad_mode)
+    train_fn = state.train_apply_fn if training and cfg.bn_train else None
+    return Model(
+        state.apply_fn, cfg.linearized, cfg.loss, cfg.grad_mode, train_fn
+    )
 
 
 def features(state: TrainState, params: Params, x: jax.Array) -> jax.Array:
@@ -517,16 +521,6 @@ def features(state: TrainState, params: Params, x: jax.Array) -> jax.Array:
 def apply_model(state: TrainState, params: Params, x: jax.Array) -> jax.Array:
     """f = W̄ᵀ[z; 1], the head kept exact on top of the (linearized) backbone."""
     return model_of(state).logits(state.params0, params, x)
-
-
-def _train_forward(state: TrainState, params: Params, x: jax.Array):
-    """(logits, new BatchNorm statistics or None) of a training step."""
-    if not state.config.bn_train:
-        return apply_model(state, params, x), None
-    z, mutated = state.train_apply_fn(
-        lin.shift(state.params0, params['backbone']), x
-    )
-    return head_apply(params, z), mutated['batch_stats']
 
 
 def optimizer_params(state: TrainState, params: Params) -> Params:
@@ -609,6 +603,7 @@ def step(
     t = state.task.astype(jnp.float32)
     n = labels.shape[0]
     terms = data_terms_of(state)
+    model = model_of(state, training=True)
 
     teacher = None
     if dterms.needs_teacher(terms):
@@ -622,7 +617,7 @@ def step(
     ctx = dterms.Context(class_mask, weights, teacher)
 
     def objective(params):
-        logits, stats = _train_forward(state, params, x)
+        logits, stats = model.train_logits(state.params0, params, x)
         data = dterms.current(terms, logits, batch, ctx)
         reg = jnp.zeros((), jnp.float32)
         total = data

@@ -175,7 +175,8 @@ def state_tree(state, *, between_tasks: bool) -> dict[str, Any]:
     """The parts of a (host) TrainState that a checkpoint holds.
 
     Always: position, parameters, class mask, the penalty's curvature
-    (packed) and counters. Within a task also `centre` (θ_{t−1}, the anchor)
+    (packed) and counters (and, within a task, the lagged product of
+    `penalty_every` > 1). Within a task also `centre` (θ_{t−1}, the anchor)
     and the optimizer's moments; between two tasks (`between_tasks`, saved
     after `end_task`) neither: `centre` equals the parameters, and
     `begin_task` makes fresh moments.
@@ -188,7 +189,11 @@ def state_tree(state, *, between_tasks: bool) -> dict[str, Any]:
         {
             'curvature': jax.tree.map(_triangles, p.curvature),
             **{
-                k: getattr(p, k) for k in _COUNTERS if getattr(p, k) is not None
+                k: getattr(p, k)
+                for k in _COUNTERS
+                if getattr(p, k) is not None
+                # The first step of a task recomputes a lagged product.
+                and not (between_tasks and k == 'cached')
             },
         }
         for p in leaves

@@ -180,12 +180,14 @@ def test_der_pp_resumes_mid_task_to_the_same_results(
     assert losses(tmp_path / 'frozen') != losses(tmp_path / 'straight')
 
 
-def test_non_linear_penalty_with_a_lagged_product_resumes_mid_task(
-    tmp_path, npz_dir, monkeypatch
+@pytest.mark.parametrize('saves', [3, 4])
+def test_non_linear_penalty_with_a_lagged_product_resumes(
+    tmp_path, npz_dir, monkeypatch, saves
 ):
     """OSLA (non-linear network: the anchor ψ0 + Δ is rebuilt from the saved
-    previous model) with the penalty product every 2 steps (its cached H̄δ
-    and counter are saved) resumes exactly from a mid-task checkpoint."""
+    previous model) with the penalty product every 2 steps resumes exactly
+    from the checkpoint between the tasks (3rd save: no moments, no lagged
+    product) and from one within task 2 (4th: both saved)."""
 
     def config():
         return tiny_config(
@@ -194,7 +196,7 @@ def test_non_linear_penalty_with_a_lagged_product_resumes_mid_task(
 
     reference = train.train_and_evaluate(config(), str(tmp_path / 'straight'))
     workdir = tmp_path / 'interrupted'
-    _interrupt_after(monkeypatch, 4)  # task 2, step 2
+    _interrupt_after(monkeypatch, saves)
     with pytest.raises(Interrupted):
         train.train_and_evaluate(config(), str(workdir))
     monkeypatch.undo()
