@@ -17,8 +17,12 @@ Two more lines split DLCFT's cost: `dlcft_nopen`, the same step without
 the penalty (linearized forward and backward, MSE, Adam), and `penalty`, the
 penalty's curvature product H̄δ (and value) alone, jitted on its own.
 `--penalty_every=1,4` adds DLCFT with the product recomputed every k steps
-only (`config.curvature.penalty_every`; timed as the mean over whole cycles
-of k steps, the others as medians).
+only (`config.curvature.penalty_every`).
+
+Every variant is compiled first; then they are timed in `--steps` rounds,
+each round running every variant in turn for the same number of calls (a
+whole number of refresh cycles of every k), so that the machine's load,
+which changes by tens of percent on a shared machine, hits them alike.
 
 For each it prints the compile time (first call), the median milliseconds
 per step over `--steps` calls after `--warmup` calls, images per second, and
@@ -48,7 +52,7 @@ from dlcft_jax import models
 
 _SIZE = flags.DEFINE_integer('image_size', 64, 'Input resolution (pixels).')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Images per step.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per method.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (rounds) per method.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
 _CLASSES = flags.DEFINE_integer('num_classes', 10, 'Width of the head.')
 _WEIGHTS = flags.DEFINE_string(
@@ -101,6 +105,59 @@ def time_step(
         'ms_max': 1e3 * max(times),
         'images_per_s': batch['label'].shape[0] / med,
     }
+
+
+def in_task_one(state, batch) -> tuple[Any, float]:
+    """The state in task 1 with a real curvature of task 0 (so the K-FAC
+    penalty is active), and the seconds of the first curvature call."""
+    t0 = time.perf_counter()
+    curv = jax.jit(dj.train_state.curvature_step)(
+        state, batch, jax.random.key(1)
+    )
+    jax.block_until_ready(curv)
+    curv_s = time.perf_counter() - t0
+    return dj.begin_task(dj.end_task(state, curv), num_steps=10_000), curv_s
+
+
+def time_rounds(
+    variants, rounds: int, warmup: int, per_visit: int, batch_size: int
+) -> dict[str, dict[str, float]]:
+    """Compile time and ms per step of each `(name, fn, state, batch)`.
+
+    Each is compiled (first call) and warmed up, then timed in `rounds`
+    rounds; a round visits every variant once for `per_visit` consecutive
+    calls, and its time per call is one sample. The figures are the median
+    of the samples (and their min and max), so that the variants share
+    whatever load the machine had.
+    """
+    states, out, samples = {}, {}, {}
+    for name, fn, state, batch in variants:
+        t0 = time.perf_counter()
+        state, m = fn(state, batch)
+        jax.block_until_ready((state, m))
+        out[name] = {'compile_s': time.perf_counter() - t0}
+        for _ in range(warmup * per_visit):
+            state, m = fn(state, batch)
+        jax.block_until_ready((state, m))
+        states[name], samples[name] = state, []
+    for _ in range(rounds):
+        for name, fn, _, batch in variants:
+            state = states[name]
+            t0 = time.perf_counter()
+            for _ in range(per_visit):
+                state, m = fn(state, batch)
+            jax.block_until_ready((state, m))
+            samples[name].append((time.perf_counter() - t0) / per_visit)
+            states[name] = state
+    for name, times in samples.items():
+        med = statistics.median(times)
+        out[name].update(
+            ms_per_step=1e3 * med,
+            ms_min=1e3 * min(times),
+            ms_max=1e3 * max(times),
+            images_per_s=batch_size / med,
+        )
+    return out
 
 
 def make_backbone(name: str, size: int):
@@ -171,10 +228,6 @@ def main(argv):
     plain = dj.begin_task(
         plain.replace(params={**plain.params, 'head': head}), num_steps=10_000
     )
-    results['plain'] = time_step(
-        jax.jit(dj.train_state.step), plain, batch, _STEPS.value, _WARMUP.value
-    )
-    del plain
 
     def dlcft_state(**overrides):
         state = dj.create_state(
@@ -187,27 +240,29 @@ def main(argv):
         state = state.replace(params={**state.params, 'head': head})
         if state.penalty_state is None:
             return dj.begin_task(state, num_steps=10_000), 0.0
-        # Task 1: a real curvature from task 0, so the K-FAC penalty is active.
-        t0 = time.perf_counter()
-        curv = jax.jit(dj.train_state.curvature_step)(
-            state, batch, jax.random.key(1)
-        )
-        jax.block_until_ready(curv)
-        curv_s = time.perf_counter() - t0
-        state = dj.begin_task(dj.end_task(state, curv), num_steps=10_000)
+        state, curv_s = in_task_one(state, batch)
         # Off the anchor, so that the product is not of zeros.
         state, _ = jax.jit(dj.train_state.step)(state, batch)
         return state, curv_s
 
-    step_fn = jax.jit(dj.train_state.step)
-    names = []
+    # The state is donated, as the runner's pmapped step does: the parts a
+    # step passes through unchanged (ψ0, the curvature) are not copied.
+    step_fn = jax.jit(dj.train_state.step, donate_argnums=0)
+
+    # (name, fn, state, batch): every variant is compiled first, then timed
+    # in rounds, one visit of each per round, so that a change of the
+    # machine's load hits all of them alike.
+    def own(tree):
+        # Buffers of its own: donating one variant's state must not delete
+        # the ψ0 (or head) that another variant's state shares.
+        return jax.tree.map(jnp.copy, tree)
+
+    variants = [('plain', step_fn, own(plain), batch)]
+    names, curv_first = [], {}
     for mode in _MODES.value:
-        state, curv_s = dlcft_state(grad_mode=mode)
+        state, curv_first[f'dlcft_{mode}'] = dlcft_state(grad_mode=mode)
         names.append(f'dlcft_{mode}')
-        results[names[-1]] = time_step(
-            step_fn, state, batch, _STEPS.value, _WARMUP.value
-        )
-        results[names[-1]]['curvature_first_call_s'] = curv_s
+        variants.append((names[-1], step_fn, own(state), batch))
         if mode == _MODES.value[0]:
             # The penalty alone: H̄ δ and ½ δᵀ H̄ δ of this state.
             pen = state.penalty_state
@@ -221,31 +276,30 @@ def main(argv):
                 dj.train_state.optimizer_params(state, state.params),
                 pen.anchor,
             )
-            results['penalty'] = time_step(
-                jax.jit(penalty_only),
-                delta,
-                batch,
-                _STEPS.value,
-                _WARMUP.value,
+            variants.append(
+                (
+                    'penalty',
+                    jax.jit(penalty_only, donate_argnums=0),
+                    own(delta),
+                    batch,
+                )
             )
-        del state
-    for k in sorted({int(v) for v in _EVERY.value} - {1}):
+    every = sorted({int(v) for v in _EVERY.value} - {1})
+    for k in every:
         state, _ = dlcft_state(grad_mode=_MODES.value[0], penalty_every=k)
-        name = f'dlcft_every{k}'
-        names.append(name)
-        cycles = max(_STEPS.value // k, 1)
-        r = time_step(step_fn, state, batch, cycles * k, k)
-        # The refresh happens once per k steps: the mean over whole cycles.
-        r['ms_per_step'] = r['ms_mean']
-        r['images_per_s'] = bsz / (r['ms_mean'] / 1e3)
-        results[name] = r
-        del state
+        names.append(f'dlcft_every{k}')
+        variants.append((names[-1], step_fn, own(state), batch))
     state, _ = dlcft_state(regularizer='none')
     names.append('dlcft_nopen')
-    results['dlcft_nopen'] = time_step(
-        step_fn, state, batch, _STEPS.value, _WARMUP.value
+    variants.append(('dlcft_nopen', step_fn, own(state), batch))
+    del plain, state
+    # A visit is a whole number of refresh cycles for every k.
+    per_visit = int(np.lcm.reduce([1, *every]))
+    results.update(
+        time_rounds(variants, _STEPS.value, _WARMUP.value, per_visit, bsz)
     )
-    del state
+    for name, sec in curv_first.items():
+        results[name]['curvature_first_call_s'] = sec
 
     default = f'dlcft_{_MODES.value[0]}'
     for name in names:

@@ -76,7 +76,12 @@ import numpy as np
 from absl import app, flags
 
 import dlcft_jax as dj
-from benchmarks.step_speed import hardware, make_backbone, time_step
+from benchmarks.step_speed import (
+    hardware,
+    in_task_one,
+    make_backbone,
+    time_step,
+)
 from dlcft_jax import models
 from dlcft_jax.models import weights as weights_lib
 
@@ -329,20 +334,12 @@ def _ours(apply_fn, variables, batch, head, steps, warmup):
     )
     del plain
 
-    state = new_state(dj.MethodConfig())
-    # Task 1: a real curvature from task 0, so the K-FAC penalty is active.
-    t0 = time.perf_counter()
-    curv = jax.jit(dj.train_state.curvature_step)(
-        state, batch, jax.random.key(1)
-    )
-    jax.block_until_ready(curv)
-    curv_s = time.perf_counter() - t0
-    state = dj.begin_task(dj.end_task(state, curv), num_steps=10_000)
+    state, curv_s = in_task_one(new_state(dj.MethodConfig()), batch)
     out['ours_dlcft'] = _time(
         jax.jit(dj.train_state.step), state, batch, steps, warmup
     )
     out['ours_dlcft']['curvature_first_call_s'] = curv_s
-    del state, curv
+    del state
 
     state = dj.begin_task(
         new_state(dj.MethodConfig(regularizer='none')), num_steps=10_000
