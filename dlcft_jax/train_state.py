@@ -283,6 +283,39 @@ def make_optimizer(config: MethodConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+def keep_untouched_outputs(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformation:
+    """`inner`, with the updates of the head outputs that the gradient does
+    not reach set to zero.
+
+    The data terms give exact zeros to the outputs they do not touch (other
+    tasks' heads in task-IL, classes not seen yet in class-IL); without this
+    wrapper weight decay alone would move those rows, by up to η per step
+    through Adam's normalisation. An output is touched when any entry of its
+    head column (kernel or bias) has a non-zero gradient. The state is
+    `inner`'s own, so `penalty.find` and the task-boundary calls see it.
+    """
+
+    def update(grads, state, params=None):
+        head_g = grads['head']
+        touched = (
+            jnp.sum(jnp.abs(head_g['kernel']), 0) + jnp.abs(head_g['bias']) > 0
+        ).astype(head_g['bias'].dtype)
+        updates, state = inner.update(grads, state, params)
+        head = updates['head']
+        updates = {
+            **updates,
+            'head': {
+                'kernel': head['kernel'] * touched,
+                'bias': head['bias'] * touched,
+            },
+        }
+        return updates, state
+
+    return optax.GradientTransformation(inner.init, update)
+
+
 def default_loss(config: MethodConfig) -> LossFn:
     """`loss(logits, labels, *, class_mask, weights)` of `config.loss`."""
     fn = losses.loss_fn(config.loss)
@@ -453,6 +486,8 @@ def create_state(
         )
     params = {'backbone': delta, 'head': head}
     tx = make_optimizer(config) if tx is None else tx
+    if not config.update_untouched_outputs:
+        tx = keep_untouched_outputs(tx)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         task=jnp.zeros((), jnp.int32),
@@ -596,7 +631,6 @@ def step(
       given to the optimizer), 'learning_rate'.
     """
     _check_batch(batch, state.class_mask.shape[0])
-    cfg = state.config
     x, labels = batch['image'], batch['label']
     class_mask = batch.get('class_mask', state.class_mask)
     weights = batch.get('weight')
@@ -641,20 +675,7 @@ def step(
 
     lr = learning_rate(state)
     opt_params = optimizer_params(state, state.params)
-    # The outputs the data terms reach (exact zeros elsewhere: masked).
-    head_g = grads['head']
-    touched = (
-        jnp.sum(jnp.abs(head_g['kernel']), 0) + jnp.abs(head_g['bias']) > 0
-    ).astype(head_g['bias'].dtype)
     updates, opt_state = state.tx.update(grads, state.opt_state, opt_params)
-    if not cfg.update_untouched_outputs:
-        updates = {
-            **updates,
-            'head': {
-                'kernel': updates['head']['kernel'] * touched,
-                'bias': updates['head']['bias'] * touched,
-            },
-        }
     params = optax.apply_updates(state.params, updates)
     pen = pen_lib.find(opt_state)
     if pen is not None:
