@@ -311,6 +311,78 @@ def task_summary(config, t: int, task: Task, accuracy, acc, joint, **timing):
     }
 
 
+def load_data(config) -> datasets.Dataset:
+    """The run's data, with the validation split held out if asked."""
+    data = datasets.load(config.data)
+    if config.data.validation:
+        data = datasets.hold_out(
+            data, config.data.validation, config.data.validation_seed
+        )
+    return data
+
+
+def announce(config, data, tasks, num_classes: int, chief: bool) -> None:
+    """The run's first printed line."""
+    if chief:
+        print(
+            f'{config.setting} / {config.method} on {data.name}: '
+            f'{len(tasks)} tasks, {num_classes} classes, backbone '
+            f'{config.backbone.name} at {config.backbone.image_size} px, '
+            f'{jax.device_count()} devices on {jax.process_count()} hosts',
+            flush=True,
+        )
+
+
+def results_record(
+    config,
+    *,
+    data_name: str,
+    tasks,
+    num_classes: int,
+    joint: bool,
+    acc,
+    per_task,
+    num_trained: int,
+    wall_time_s: float,
+    method_config: dict | None,
+) -> dict[str, Any]:
+    """The results.json record of a run (both runners)."""
+    done = len(per_task)
+    data_il = config.setting == 'data_il'
+    return {
+        'complete': done == num_trained,
+        'tasks_done': done,
+        'setting': config.setting,
+        'benchmark': config.benchmark,
+        'method': config.method,
+        'data': data_name,
+        'num_tasks': len(tasks),
+        'num_classes': num_classes,
+        'classes_per_task': None if data_il else len(tasks[0].classes),
+        'task_classes': None if data_il else [x.classes for x in tasks],
+        # Joint training: one row, the model trained on the union.
+        'joint': joint,
+        'accuracy_matrix': acc,
+        # After the last task done (all of them unless stop_after_tasks).
+        **(
+            reporting.accuracy_summary(acc, done - 1, joint)
+            if done
+            else reporting.accuracy_summary([[]], 0, True)
+        ),
+        'per_task': per_task,
+        'wall_time_s': wall_time_s,
+        # Training-free methods train nothing: no optimizer or loss to list.
+        'method_config': method_config,
+        'config': json.loads(config.to_json_best_effort()),
+        'num_devices': jax.device_count(),
+        'num_processes': jax.process_count(),
+        'platform': jax.devices()[0].platform,
+        'device_kind': jax.devices()[0].device_kind,
+        'host': socket.gethostname(),
+        'jax_version': jax.__version__,
+    }
+
+
 def default_cache_dir() -> str:
     """The persistent compilation cache of this user: $JAX_COMPILATION_CACHE_DIR
     if set, else $XDG_CACHE_HOME/dlcft_jax/xla (~/.cache/dlcft_jax/xla)."""
@@ -385,19 +457,19 @@ def train_and_evaluate(
     config_checks.check_workdir(workdir)
     init_distributed(config)
     config_checks.check_devices(config)
-    t_start = time.time()
     setup_compilation_cache(config)
+    method = methods.get(config.method)
+    if method.training_free:  # NCM, RanPAC: their own small runner
+        # Imported here: it builds on this module's functions.
+        from experiments import training_free
+
+        return training_free.run(config, workdir)
+    t_start = time.time()
     profile = profiling.Profile().__enter__()
     workdir = Path(workdir)
     chief = jax.process_index() == 0
-
-    data = datasets.load(config.data)
-    if config.data.validation:
-        data = datasets.hold_out(
-            data, config.data.validation, config.data.validation_seed
-        )
+    data = load_data(config)
     tasks, num_classes = input_pipeline.make_tasks(config, data)
-    method = methods.get(config.method)
     # What is trained, task by task: the union for joint training.
     train_tasks = [input_pipeline.union_task(tasks)] if method.joint else tasks
     steps = [
@@ -406,7 +478,6 @@ def train_and_evaluate(
     ]
     mcfg = methods.method_config(config)
     spec = batch_spec(config, data, num_classes, mcfg)
-    free = method.training_free is not None
     state = initial_state(config, data, tasks, num_classes, mcfg, spec)
     # The state stays replicated on the local devices from here on.
     state = parallel.host_replicate(jax.device_get(state))
@@ -431,14 +502,7 @@ def train_and_evaluate(
     logits_fn = None
     if buffer_spec and buffer_spec.store_logits:
         logits_fn = functools.partial(outputs, fns.predict)
-    if chief:
-        print(
-            f'{config.setting} / {config.method} on {data.name}: '
-            f'{len(tasks)} tasks, {num_classes} classes, backbone '
-            f'{config.backbone.name} at {config.backbone.image_size} px, '
-            f'{jax.device_count()} devices on {jax.process_count()} hosts',
-            flush=True,
-        )
+    announce(config, data, tasks, num_classes, chief)
 
     # -- resume ---------------------------------------------------------------
     ckpt = checkpointing.manager(
@@ -451,7 +515,6 @@ def train_and_evaluate(
     acc: list[list[float | None]] = [[None] * len(tasks) for _ in train_tasks]
     per_task: list[dict[str, Any]] = []
     t0, k0, elapsed, resumed_train_s = 0, 0, 0.0, 0.0
-    free_state, test_features = None, {}
     diverged = None
 
     def meta(t, k, train_s=None):
@@ -504,12 +567,7 @@ def train_and_evaluate(
             log.record({'event': 'resumed', 'task': t0, 'steps_done': k0})
 
         def scores_of(j):
-            images = data.x_test[tasks[j].test_idx]
-            if not free:
-                return outputs(fns.predict, images)
-            if j not in test_features:  # frozen: computed once per task
-                test_features[j] = outputs(fns.features, images)
-            return free_scores(free_state, config, method, test_features[j])
+            return outputs(fns.predict, data.x_test[tasks[j].test_idx])
 
         # -- for each task ----------------------------------------------------
         stop = config.train.stop_after_tasks
@@ -524,79 +582,63 @@ def train_and_evaluate(
             phase = profile.begin('train', t)
 
             # begin
-            if k0 == 0 and not free:
+            if k0 == 0:
                 last = len(tasks) - 1 if method.joint else t
                 mask, _ = input_pipeline.class_masks(config, last, num_classes)
                 state = begin_task_fn(n)(state, mask)
 
-            # steps (training-free methods: the closed-form fit instead)
-            if free:
-                z = outputs(fns.features, data.x_train[task.train_idx])
-                free_state = fit_training_free(
-                    free_state,
-                    config,
-                    method,
-                    z,
-                    task.train_rows,
-                    num_classes,
-                    log,
+            # steps
+            stream = buffer is not None and insert == 'stream'
+            batches = (
+                input_pipeline.to_devices(
+                    input_pipeline.train_batch(spec, data, task, t, k, buffer)
                 )
-            else:
-                stream = buffer is not None and insert == 'stream'
-                batches = (
-                    input_pipeline.to_devices(
-                        input_pipeline.train_batch(
-                            spec, data, task, t, k, buffer
-                        )
-                    )
-                    for k in range(k0, n)
+                for k in range(k0, n)
+            )
+            # With stream insertion a batch's replay rows depend on the
+            # step before it: no read-ahead.
+            if not stream:
+                batches = input_pipeline.prefetch(batches)
+            progress = None
+            if chief:
+                progress = reporting.Progress(
+                    n, t, len(train_tasks), every=config.train.log_every
                 )
-                # With stream insertion a batch's replay rows depend on the
-                # step before it: no read-ahead.
-                if not stream:
-                    batches = input_pipeline.prefetch(batches)
-                progress = None
-                if chief:
-                    progress = reporting.Progress(
-                        n, t, len(train_tasks), every=config.train.log_every
+            meter = reporting.Throughput()
+            for k in range(k0, n):
+                wait = time.time()
+                batch = next(batches)
+                wait = time.time() - wait
+                input_wait += wait
+                if stream:  # Mammoth's order: offered after the draw
+                    offer_step(buffer, spec, data, task, t, k, logits_fn)
+                state, m = fns.step(state, batch)
+                meter.add(spec.rows, wait)
+                done = k + 1
+                g = sum(steps[:t]) + done
+                logging = done % config.train.log_every == 0 or done == n
+                saving = done < n and ckpt.should_save(g)
+                if logging or saving:
+                    # Metrics reach the host only at log and save steps,
+                    # and a diverged state is never saved.
+                    m = fetch_metrics(m, f'task {t + 1} step {done}')
+                if logging:
+                    m.update(meter.read())
+                    if progress is not None:
+                        progress.update(done, m)
+                    log.record({'task': t, 'step': done, 'global_step': g, **m})
+                    log.scalars(
+                        {f'train/{name}': v for name, v in m.items()}, g
                     )
-                meter = reporting.Throughput()
-                for k in range(k0, n):
-                    wait = time.time()
-                    batch = next(batches)
-                    wait = time.time() - wait
-                    input_wait += wait
-                    if stream:  # Mammoth's order: offered after the draw
-                        offer_step(buffer, spec, data, task, t, k, logits_fn)
-                    state, m = fns.step(state, batch)
-                    meter.add(spec.rows, wait)
-                    done = k + 1
-                    g = sum(steps[:t]) + done
-                    logging = done % config.train.log_every == 0 or done == n
-                    saving = done < n and ckpt.should_save(g)
-                    if logging or saving:
-                        # Metrics reach the host only at log and save steps,
-                        # and a diverged state is never saved.
-                        m = fetch_metrics(m, f'task {t + 1} step {done}')
-                    if logging:
-                        m.update(meter.read())
-                        if progress is not None:
-                            progress.update(done, m)
-                        log.record(
-                            {'task': t, 'step': done, 'global_step': g, **m}
-                        )
-                        log.scalars(
-                            {f'train/{name}': v for name, v in m.items()}, g
-                        )
-                    if saving:
-                        save(
-                            t,
-                            done,
-                            force=True,
-                            train_s=before + time.time() - clock,
-                        )
-                if progress is not None:
-                    progress.close()
+                if saving:
+                    save(
+                        t,
+                        done,
+                        force=True,
+                        train_s=before + time.time() - clock,
+                    )
+            if progress is not None:
+                progress.close()
             jax.block_until_ready(state)
             profile.add(t, 'data', input_wait)
             profile.end(phase, moved=input_wait)
@@ -606,23 +648,22 @@ def train_and_evaluate(
             # curvature, anchor (methods with a penalty)
             clock = time.time()
             phase = profile.begin('curvature', t)
-            if not free:
-                curvature = None
-                if state.penalty_state is not None:
-                    curvature = dj.estimate_curvature(
-                        state,
-                        input_pipeline.curvature_batches(
-                            spec,
-                            data,
-                            task,
-                            t,
-                            num_batches=config.curvature.num_batches,
-                            batch_size=config.curvature.batch_size,
-                        ),
-                        jax.random.fold_in(jax.random.key(config.seed), t),
-                        **fns.curvature,
-                    )
-                state = fns.end_task(state, curvature)
+            curvature = None
+            if state.penalty_state is not None:
+                curvature = dj.estimate_curvature(
+                    state,
+                    input_pipeline.curvature_batches(
+                        spec,
+                        data,
+                        task,
+                        t,
+                        num_batches=config.curvature.num_batches,
+                        batch_size=config.curvature.batch_size,
+                    ),
+                    jax.random.fold_in(jax.random.key(config.seed), t),
+                    **fns.curvature,
+                )
+            state = fns.end_task(state, curvature)
 
             # buffer
             if buffer is not None and insert == 'task_end':
@@ -674,8 +715,7 @@ def train_and_evaluate(
                 chief=chief,
                 joint=method.joint,
             )
-            if not free:  # a training-free run is redone in seconds
-                save(t + 1, 0, force=True)
+            save(t + 1, 0, force=True)
     except FloatingPointError as e:
         # A diverged run: partial results, the last good checkpoint kept.
         diverged = str(e)
@@ -687,40 +727,19 @@ def train_and_evaluate(
         profile.__exit__(None, None, None)
 
     # -- outputs --------------------------------------------------------------
+    results = results_record(
+        config,
+        data_name=data.name,
+        tasks=tasks,
+        num_classes=num_classes,
+        joint=method.joint,
+        acc=acc,
+        per_task=per_task,
+        num_trained=len(train_tasks),
+        wall_time_s=elapsed + time.time() - t_start,
+        method_config=dataclasses.asdict(mcfg),
+    )
     done = len(per_task)
-    data_il = config.setting == 'data_il'
-    results = {
-        'complete': done == len(train_tasks),
-        'tasks_done': done,
-        'setting': config.setting,
-        'benchmark': config.benchmark,
-        'method': config.method,
-        'data': data.name,
-        'num_tasks': len(tasks),
-        'num_classes': num_classes,
-        'classes_per_task': None if data_il else len(tasks[0].classes),
-        'task_classes': None if data_il else [x.classes for x in tasks],
-        # Joint training: one row, the model trained on the union.
-        'joint': method.joint,
-        'accuracy_matrix': acc,
-        # After the last task done (all of them unless stop_after_tasks).
-        **(
-            reporting.accuracy_summary(acc, done - 1, method.joint)
-            if done
-            else reporting.accuracy_summary([[]], 0, True)
-        ),
-        'per_task': per_task,
-        'wall_time_s': elapsed + time.time() - t_start,
-        # Training-free methods train nothing: no optimizer or loss to list.
-        'method_config': None if free else dataclasses.asdict(mcfg),
-        'config': json.loads(config.to_json_best_effort()),
-        'num_devices': jax.device_count(),
-        'num_processes': jax.process_count(),
-        'platform': jax.devices()[0].platform,
-        'device_kind': jax.devices()[0].device_kind,
-        'host': socket.gethostname(),
-        'jax_version': jax.__version__,
-    }
     if diverged:
         results['stopped'] = diverged
     timing = profile.summary(total_s=time.time() - t_start)
