@@ -100,7 +100,6 @@ def time_step(
     return {
         'compile_s': compile_s,
         'ms_per_step': 1e3 * med,
-        'ms_mean': 1e3 * statistics.fmean(times),
         'ms_min': 1e3 * min(times),
         'ms_max': 1e3 * max(times),
         'images_per_s': batch['label'].shape[0] / med,

@@ -222,7 +222,9 @@ class KFAC:
         )
 
 
-def _diagonal(model, params0, params, batch, objective, stat, head, mask):
+def _diagonal(
+    model, params0, params, batch, objective, stat, head, mask, axis_name
+):
     """E_n[stat(∂ objective(f(x_n; θ), m_n, n)/∂θ)], vmapped per example.
 
     `objective(logits (C,), mask (C,), n)` is a scalar; each example runs as
@@ -242,12 +244,10 @@ def _diagonal(model, params0, params, batch, objective, stat, head, mask):
 
         return jax.grad(per_example)(params)
 
-    return jax.vmap(one)(batch['image'], masks, jnp.arange(n))
-
-
-def _diagonal_mean(grads, stat, head, weights, axis_name):
+    grads = jax.vmap(one)(batch['image'], masks, jnp.arange(n))
     diag = jax.tree.map(
-        lambda g: _weighted_mean(stat(g), weights, axis_name), grads
+        lambda g: _weighted_mean(stat(g), batch.get('weight'), axis_name),
+        grads,
     )
     if not head:
         diag = {**diag, 'head': _zeros_like(diag['head'])}
@@ -281,7 +281,7 @@ class _DiagonalKind:
     ) -> DiagonalCurvature:
         """The diagonal of one batch at `params` (pure); see `Kind`."""
         objective = self.objective(model, batch, rng, axis_name)
-        grads = _diagonal(
+        return _diagonal(
             model,
             params0,
             params,
@@ -290,9 +290,7 @@ class _DiagonalKind:
             self.stat,
             self.head,
             class_mask,
-        )
-        return _diagonal_mean(
-            grads, self.stat, self.head, batch.get('weight'), axis_name
+            axis_name,
         )
 
 

@@ -328,11 +328,13 @@ def restore(
     *,
     state,
     buffer_spec: BufferSpec | None,
+    between_tasks: bool,
 ) -> tuple[Any, ReplayBuffer | None, dict[str, Any]]:
     """(state, buffer, meta) of checkpoint `step`; `state` is a host
-    TrainState of the run, used as the template (values restore as NumPy)."""
-    between = read_meta(mngr, step)['steps_done'] == 0
-    template = jax.device_get(state_tree(state, between_tasks=between))
+    TrainState of the run, used as the template (values restore as NumPy);
+    `between_tasks`: the checkpoint was taken between two tasks (its meta's
+    `steps_done` is 0), see `state_tree`."""
+    template = jax.device_get(state_tree(state, between_tasks=between_tasks))
     items = {
         'state': ocp.args.StandardRestore(template),
         'meta': ocp.args.JsonRestore(),
@@ -345,7 +347,7 @@ def restore(
     buffer = None
     if buffer_spec is not None:
         buffer = buffer_from_tree(out['buffer'], buffer_spec)
-    restored = state_from_tree(out['state'], state, between_tasks=between)
+    restored = state_from_tree(out['state'], state, between_tasks=between_tasks)
     return restored, buffer, out['meta']
 
 
@@ -375,7 +377,11 @@ def restore_latest(
         check_resumable(config, meta, workdir)
         try:
             host_state, buffer, meta = restore(
-                mngr, step, state=state, buffer_spec=buffer_spec
+                mngr,
+                step,
+                state=state,
+                buffer_spec=buffer_spec,
+                between_tasks=meta['steps_done'] == 0,
             )
         except Exception as e:  # noqa: BLE001 - any damage: try the previous
             _set_aside(mngr, step, workdir, e)

@@ -13,12 +13,14 @@ time, taking them out of the phase's own time. So each row splits into
     curvature    the task's curvature, the anchor, the buffer at task end
     eval         accuracy on the test data of the tasks seen so far
     checkpoint   writing checkpoints (the asynchronous part is not counted)
-    setup        before the first task: data, backbone, state (task None)
+    setup        (a row, not a column) before the first task
 
-and the columns of a row add up to its wall time. `rows()` gives them as
-JSON-ready dicts; `table(rows)` prints them. The runner writes them to
-WORKDIR/profile.json; `python -m benchmarks.run_profile` runs a config cold
-and warm and prints both.
+    other        what no phase covers (start-up: data, backbone, state)
+
+and the columns of a row add up to its wall time. `summary()` gives them as
+JSON-ready dicts and `table(summary)` prints them; the runner writes the
+summary into results.json (`profile`), and `python -m
+benchmarks.run_profile` runs a config cold and warm and prints both.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ COMPILE_EVENTS = frozenset(
 )
 CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
 COLUMNS = ('compile', 'train', 'data', 'curvature', 'eval', 'checkpoint')
+# With 'other' (the setup row's unmarked time) and the row's 'total'.
+ALL_COLUMNS = (*COLUMNS, 'other', 'total')
 SETUP = 'setup'
 
 
@@ -61,7 +65,6 @@ class Profile:
         self.cache_hits = 0
         # Compile seconds by the compiled function's name.
         self.by_function: dict[str, float] = {}
-        self._start = time.perf_counter()
 
     # -- jax.monitoring listeners -------------------------------------------
     def _on_duration(self, event: str, duration_secs: float, **kwargs):
@@ -86,11 +89,9 @@ class Profile:
     def __enter__(self) -> Profile:
         jax.monitoring.register_event_duration_secs_listener(self._on_duration)
         jax.monitoring.register_event_listener(self._on_event)
-        self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        # The setup phase is whatever the marked phases left before task 1.
         jax.monitoring.unregister_event_duration_listener(self._on_duration)
         jax.monitoring.unregister_event_listener(self._on_event)
 
@@ -149,7 +150,7 @@ class Profile:
                 **{c: seconds.get((task, c), 0.0) for c in COLUMNS},
             }
             if task is None:
-                row['other'] = seconds.get((None, SETUP), 0.0)
+                row['other'] = 0.0  # filled from `total_s` below
             row['total'] = sum(v for k, v in row.items() if k != 'task')
             out.append(row)
         if total_s is not None:
@@ -161,8 +162,7 @@ class Profile:
     def summary(self, *, total_s: float | None = None) -> dict[str, Any]:
         """{'rows', 'totals' (column sums), 'compilations', 'cache_hits'}."""
         rows = self.rows(total_s=total_s)
-        keys = (*COLUMNS, 'other', 'total')
-        totals = {k: sum(r.get(k, 0.0) for r in rows) for k in keys}
+        totals = {k: sum(r.get(k, 0.0) for r in rows) for k in ALL_COLUMNS}
         top = sorted(self.by_function.items(), key=lambda kv: -kv[1])
         return {
             'rows': rows,
@@ -176,7 +176,7 @@ class Profile:
 
 def table(summary: Mapping[str, Any], title: str = '') -> str:
     """The profile as a fixed-width text table (seconds)."""
-    cols = (*COLUMNS, 'other', 'total')
+    cols = ALL_COLUMNS
     head = f"{'task':<7}" + ''.join(f'{c:>11}' for c in cols)
     lines = [title] if title else []
     lines.append(head)
@@ -204,7 +204,7 @@ def side_by_side(
     summaries: Sequence[tuple[str, Mapping[str, Any]]],
 ) -> str:
     """Totals of several profiles (e.g. cold and warm), one row each."""
-    cols = (*COLUMNS, 'other', 'total')
+    cols = ALL_COLUMNS
     width = max(len(n) for n, _ in summaries) + 2
     lines = [f"{'run':<{width}}" + ''.join(f'{c:>11}' for c in cols)]
     for name, s in summaries:

@@ -58,7 +58,7 @@ import ml_collections
 import numpy as np
 
 import dlcft_jax as dj
-from dlcft_jax import parallel, prototypes
+from dlcft_jax import parallel
 from dlcft_jax.data import ReplayBuffer
 from experiments import (
     backbones,
@@ -227,58 +227,6 @@ def fetch_metrics(metrics, where: str) -> dict[str, float]:
     return m
 
 
-def fit_training_free(free, config, method, z, y, num_classes, log):
-    """NCM / RanPAC: task features `z`, head rows `y` added to the
-    closed-form classifier `free` (None before the first task)."""
-    opts = config.baselines
-    if method.training_free == 'ncm':
-        if free is None:
-            free = prototypes.ncm_init(num_classes, z.shape[1])
-        return prototypes.ncm_update(free, z, y)
-    if free is None:
-        # The ridge, once, on a held-out split of the first task.
-        tr, va = prototypes.split_holdout(
-            len(y), opts.ranpac_holdout, config.seed
-        )
-        ridge, scores = prototypes.choose_ridge(
-            z[tr],
-            y[tr],
-            z[va],
-            y[va],
-            num_classes=num_classes,
-            proj_dim=opts.ranpac_dim,
-            seed=config.seed,
-        )
-        log.record(
-            {
-                'event': 'ranpac_ridge',
-                'ridge': ridge,
-                'validation_accuracy': {str(k): v for k, v in scores.items()},
-            }
-        )
-        free = {
-            'ridge': ridge,
-            'state': prototypes.ranpac_init(
-                z.shape[1], num_classes, opts.ranpac_dim, config.seed
-            ),
-        }
-    state = prototypes.ranpac_update(free['state'], z, y)
-    return {
-        **free,
-        'state': state,
-        'w': prototypes.ranpac_solve(state, free['ridge']),
-    }
-
-
-def free_scores(free, config, method, z) -> np.ndarray:
-    """Class scores of a training-free classifier on features `z`."""
-    if method.training_free == 'ncm':
-        scores = prototypes.ncm_scores(free, z, config.baselines.ncm_metric)
-    else:
-        scores = prototypes.ranpac_scores(free['state'], free['w'], z)
-    return np.nan_to_num(scores, neginf=-1e30)
-
-
 def evaluate(config, method, tasks, t, num_classes, scores_of) -> list[float]:
     """% accuracy on the test data of tasks 0..t, arg-max within each
     task's mask (joint: every task, after training on their union);
@@ -381,6 +329,19 @@ def results_record(
         'host': socket.gethostname(),
         'jax_version': jax.__version__,
     }
+
+
+def write_results(results, profile, total_s, workdir, chief) -> None:
+    """Adds the run's profile and checkpoint sizes to `results`, writes the
+    outputs and prints where the time and the disk went (both runners)."""
+    timing = profile.summary(total_s=total_s)
+    results['profile'] = timing
+    ckpt_bytes = checkpointing.sizes(workdir)
+    results['checkpoint_bytes'] = {str(k): v for k, v in ckpt_bytes.items()}
+    if chief:
+        reporting.write_outputs(results, workdir)
+        print(reporting.profile_line(timing), flush=True)
+        print(reporting.checkpoint_line(ckpt_bytes))
 
 
 def default_cache_dir() -> str:
@@ -742,14 +703,7 @@ def train_and_evaluate(
     done = len(per_task)
     if diverged:
         results['stopped'] = diverged
-    timing = profile.summary(total_s=time.time() - t_start)
-    results['profile'] = timing
-    ckpt_bytes = checkpointing.sizes(workdir)
-    results['checkpoint_bytes'] = {str(k): v for k, v in ckpt_bytes.items()}
-    if chief:
-        reporting.write_outputs(results, workdir)
-        print(reporting.profile_line(timing), flush=True)
-        print(reporting.checkpoint_line(ckpt_bytes))
+    write_results(results, profile, time.time() - t_start, workdir, chief)
     if diverged:
         raise FloatingPointError(
             f'{diverged} The run stopped: results.json in {workdir} holds '

@@ -11,7 +11,7 @@ seconds).
             backbone ψ0.
   for each task t = 0 .. T−1:
     fit         the task's training features enter the classifier
-                (`train.fit_training_free`).
+                (`fit_training_free`).
     evaluation  accuracy on the test data of every task seen so far (each
                 test image's features computed once).
     report      log, TensorBoard, one printed line.
@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
-from dlcft_jax import parallel
+from dlcft_jax import parallel, prototypes
 from experiments import (
     input_pipeline,
     methods,
@@ -34,6 +35,58 @@ from experiments import (
     reporting,
     train,
 )
+
+
+def fit_training_free(free, config, method, z, y, num_classes, log):
+    """NCM / RanPAC: task features `z`, head rows `y` added to the
+    closed-form classifier `free` (None before the first task)."""
+    opts = config.baselines
+    if method.training_free == 'ncm':
+        if free is None:
+            free = prototypes.ncm_init(num_classes, z.shape[1])
+        return prototypes.ncm_update(free, z, y)
+    if free is None:
+        # The ridge, once, on a held-out split of the first task.
+        tr, va = prototypes.split_holdout(
+            len(y), opts.ranpac_holdout, config.seed
+        )
+        ridge, scores = prototypes.choose_ridge(
+            z[tr],
+            y[tr],
+            z[va],
+            y[va],
+            num_classes=num_classes,
+            proj_dim=opts.ranpac_dim,
+            seed=config.seed,
+        )
+        log.record(
+            {
+                'event': 'ranpac_ridge',
+                'ridge': ridge,
+                'validation_accuracy': {str(k): v for k, v in scores.items()},
+            }
+        )
+        free = {
+            'ridge': ridge,
+            'state': prototypes.ranpac_init(
+                z.shape[1], num_classes, opts.ranpac_dim, config.seed
+            ),
+        }
+    state = prototypes.ranpac_update(free['state'], z, y)
+    return {
+        **free,
+        'state': state,
+        'w': prototypes.ranpac_solve(state, free['ridge']),
+    }
+
+
+def free_scores(free, config, method, z) -> np.ndarray:
+    """Class scores of a training-free classifier on features `z`."""
+    if method.training_free == 'ncm':
+        scores = prototypes.ncm_scores(free, z, config.baselines.ncm_metric)
+    else:
+        scores = prototypes.ranpac_scores(free['state'], free['w'], z)
+    return np.nan_to_num(scores, neginf=-1e30)
 
 
 def run(config, workdir: str | Path) -> dict[str, Any]:
@@ -66,7 +119,7 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
     def scores_of(j):
         if j not in test_features:  # frozen: computed once per task
             test_features[j] = outputs(data.x_test[tasks[j].test_idx])
-        return train.free_scores(classifier, config, method, test_features[j])
+        return free_scores(classifier, config, method, test_features[j])
 
     stop = config.train.stop_after_tasks
     try:
@@ -76,7 +129,7 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
             clock = time.time()
             with profile.phase('train', t):
                 z = outputs(data.x_train[task.train_idx])
-                classifier = train.fit_training_free(
+                classifier = fit_training_free(
                     classifier,
                     config,
                     method,
@@ -125,14 +178,10 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
         wall_time_s=time.time() - t_start,
         method_config=None,
     )
-    results['profile'] = profile.summary(total_s=time.time() - t_start)
-    results['checkpoint_bytes'] = {}
-    if chief:
-        reporting.write_outputs(results, workdir)
-        print(reporting.profile_line(results['profile']), flush=True)
-        if not results['complete']:
-            print(
-                f'stopped after task {len(per_task)} of {len(tasks)} '
-                f'(config.train.stop_after_tasks={stop}).'
-            )
+    train.write_results(results, profile, time.time() - t_start, workdir, chief)
+    if chief and not results['complete']:
+        print(
+            f'stopped after task {len(per_task)} of {len(tasks)} '
+            f'(config.train.stop_after_tasks={stop}).'
+        )
     return results
