@@ -222,19 +222,19 @@ def main(argv):
         variables,
         num_classes=_CLASSES.value,
         example_input=batch['image'],
-        config=dj.MethodConfig.finetune(),
+        method=dj.METHODS['finetune'],
     )
     plain = dj.begin_task(
         plain.replace(params={**plain.params, 'head': head}), num_steps=10_000
     )
 
-    def dlcft_state(**overrides):
+    def dlcft_state(**parts):
         state = dj.create_state(
             apply_fn,
             variables,
             num_classes=_CLASSES.value,
             example_input=batch['image'],
-            config=dj.MethodConfig(**overrides),
+            method=dj.METHODS['dlcft'].replace(**parts),
         )
         state = state.replace(params={**state.params, 'head': head})
         if state.penalty_state is None:
@@ -259,7 +259,9 @@ def main(argv):
     variants = [('plain', step_fn, own(plain), batch)]
     names, curv_first = [], {}
     for mode in _MODES.value:
-        state, curv_first[f'dlcft_{mode}'] = dlcft_state(grad_mode=mode)
+        state, curv_first[f'dlcft_{mode}'] = dlcft_state(
+            network=dict(grad_mode=mode)
+        )
         names.append(f'dlcft_{mode}')
         variants.append((names[-1], step_fn, own(state), batch))
         if mode == _MODES.value[0]:
@@ -285,10 +287,12 @@ def main(argv):
             )
     every = sorted({int(v) for v in _EVERY.value} - {1})
     for k in every:
-        state, _ = dlcft_state(grad_mode=_MODES.value[0], penalty_every=k)
+        state, _ = dlcft_state(
+            network=dict(grad_mode=_MODES.value[0]), penalty=dict(every=k)
+        )
         names.append(f'dlcft_every{k}')
         variants.append((names[-1], step_fn, own(state), batch))
-    state, _ = dlcft_state(regularizer='none')
+    state, _ = dlcft_state(penalty=None)
     names.append('dlcft_nopen')
     variants.append(('dlcft_nopen', step_fn, own(state), batch))
     del plain, state

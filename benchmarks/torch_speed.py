@@ -18,7 +18,8 @@ five steps at each size of `--image_sizes`:
   autograd through the jvp, Adam. No K-FAC penalty on the torch side.
 * ours plain, ours DLCFT (K-FAC penalty active: task 1 with a real
   curvature from `curvature_step`), built as `benchmarks/step_speed.py`
-  does, and ours DLCFT without penalty (`MethodConfig(regularizer='none')`),
+  does, and ours DLCFT without penalty
+  (`METHODS['dlcft'].replace(penalty=None)`),
   the like-for-like counterpart of torch's linearized step.
 
 Like-for-like settings. Every step starts from the uint8 images: bilinear
@@ -30,7 +31,7 @@ mode with its running statistics (the torch model is in `.eval()` mode, so
 dropout and drop-connect are off, as in ours); the trained weights are the
 convolution kernels (Δ, 49 tensors, 3.33 M numbers, BN affine parameters
 frozen: `dlcft_jax.linearization.default_trainable`) and the head. The
-torch optimizers copy ours from the `MethodConfig` presets: gradient
+torch optimizers copy ours from the `dlcft_jax.METHODS` records: gradient
 clipping to global norm 1 (`clip_grad_norm_`), coupled L2 1e-5 (the
 optimizers' `weight_decay`), SGD momentum 0.9 lr 1e-3 for plain, Adam lr
 1e-4 for linearized; torch keeps the learning rate constant, ours decays
@@ -246,7 +247,7 @@ def torch_plain_step(backbone, head: dict[str, jax.Array], size: int):
     """`fn(state, batch) -> (state, loss)`: the non-linear network, CE,
     clipping, coupled L2, SGD with momentum (ours' `finetune()` preset)."""
     torch, _ = import_torch()
-    cfg = dj.MethodConfig.finetune()
+    cfg = dj.METHODS['finetune'].optimizer
     names = set(trainable_names(backbone))
     for name, p in backbone.named_parameters():
         p.requires_grad_(name in names)
@@ -278,7 +279,8 @@ def torch_linearized_step(backbone, head: dict[str, jax.Array], size: int):
     on Δ and the head (ours' DLCFT preset without the penalty). The state is
     Δ (a dict of tensors)."""
     torch, _ = import_torch()
-    cfg = dj.MethodConfig(regularizer='none')
+    cfg = dj.METHODS['dlcft'].optimizer
+    alpha = dj.METHODS['dlcft'].terms[0].alpha
     f_lin, params0 = torch_linearized(backbone, trainable_names(backbone))
     delta = {
         n: torch.zeros_like(p, requires_grad=True) for n, p in params0.items()
@@ -295,7 +297,7 @@ def torch_linearized_step(backbone, head: dict[str, jax.Array], size: int):
 
     def fn(state, batch):
         logits = linear(f_lin(state, torch_inputs(batch['image'], size)))
-        target = cfg.alpha * torch.nn.functional.one_hot(
+        target = alpha * torch.nn.functional.one_hot(
             batch['label'], logits.shape[-1]
         ).to(logits.dtype)
         loss = 0.5 * torch.square(target - logits).sum(-1).mean()
@@ -313,19 +315,17 @@ def _ours(apply_fn, variables, batch, head, steps, warmup):
     num_classes = head['bias'].shape[0]
     out: dict[str, Any] = {}
 
-    def new_state(config):
+    def new_state(method):
         state = dj.create_state(
             apply_fn,
             variables,
             num_classes=num_classes,
             example_input=batch['image'],
-            config=config,
+            method=method,
         )
         return state.replace(params={**state.params, 'head': head})
 
-    plain = dj.begin_task(
-        new_state(dj.MethodConfig.finetune()), num_steps=10_000
-    )
+    plain = dj.begin_task(new_state(dj.METHODS['finetune']), num_steps=10_000)
     out['trainable_backbone_params'] = sum(
         x.size for x in jax.tree.leaves(plain.params['backbone'])
     )
@@ -334,7 +334,7 @@ def _ours(apply_fn, variables, batch, head, steps, warmup):
     )
     del plain
 
-    state, curv_s = in_task_one(new_state(dj.MethodConfig()), batch)
+    state, curv_s = in_task_one(new_state(dj.METHODS['dlcft']), batch)
     out['ours_dlcft'] = _time(
         jax.jit(dj.train_state.step), state, batch, steps, warmup
     )
@@ -342,7 +342,7 @@ def _ours(apply_fn, variables, batch, head, steps, warmup):
     del state
 
     state = dj.begin_task(
-        new_state(dj.MethodConfig(regularizer='none')), num_steps=10_000
+        new_state(dj.METHODS['dlcft'].replace(penalty=None)), num_steps=10_000
     )
     out['ours_dlcft_no_penalty'] = _time(
         jax.jit(dj.train_state.step), state, batch, steps, warmup

@@ -7,6 +7,9 @@ The public API:
   `axis_name`, and `parallel` wraps it with `pmap` / `shard_map`.
 * `create_state`, `begin_task`, `end_task`, `estimate_curvature`, `predict`:
   the task loop around it.
+* `Method` and `METHODS`: a method as one record of parts (`Network`,
+  data terms, `Penalty`, `Optimizer`, `Replay`, trainer), and the paper's
+  methods and baselines as records (`dlcft_jax.methods`).
 * `linearize`, `tangent_apply`: the linearized network; `Model`: the
   trained network of a method (linearized or not, exact head) as pure
   functions of (ψ0, parameters, inputs).
@@ -22,8 +25,10 @@ import jax as _jax
 from dlcft_jax import (
     curvature,
     curvature_kinds,
+    data_terms,
     linearization,
     losses,
+    methods,
     model,
     parallel,
     penalty,
@@ -39,15 +44,21 @@ from dlcft_jax.curvature_kinds import (
     KroneckerCurvature,
 )
 from dlcft_jax.linearization import linearize, merge, split, tangent_apply
+from dlcft_jax.methods import (
+    METHODS,
+    Method,
+    Network,
+    Optimizer,
+    Penalty,
+    Replay,
+)
 from dlcft_jax.model import Model
 from dlcft_jax.train_state import (
-    MethodConfig,
     TrainState,
     begin_task,
     create_state,
     end_task,
     estimate_curvature,
-    make_optimizer,
     predict,
 )
 
@@ -62,8 +73,13 @@ __all__ = [
     'KFAC',
     'KroneckerCurvature',
     'MAS',
-    'MethodConfig',
+    'METHODS',
+    'Method',
     'Model',
+    'Network',
+    'Optimizer',
+    'Penalty',
+    'Replay',
     'TrainState',
     'begin_task',
     'create_state',
@@ -72,10 +88,11 @@ __all__ = [
     'end_task',
     'estimate_curvature',
     'linearization',
+    'data_terms',
     'linearize',
     'losses',
-    'make_optimizer',
     'merge',
+    'methods',
     'model',
     'parallel',
     'penalty',

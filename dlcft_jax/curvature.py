@@ -207,7 +207,7 @@ def tapped_apply(
                 f'Trainable layer {key} ({type(module).__name__}) is not one '
                 'K-FAC supports (nn.Dense, nn.Conv, DepthwiseConv2D); freeze '
                 "it (create_state's trainable=) or use a diagonal regularizer "
-                "(MethodConfig(regularizer='ewc' or 'mas'))."
+                "(Penalty('ewc') or Penalty('mas'))."
             )
         y = next_fun(*args, **kwargs)
         if taps is not None:

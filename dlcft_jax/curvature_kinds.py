@@ -348,7 +348,7 @@ class MAS(_DiagonalKind):
 
 CurvatureKind = KFAC | EWC | MAS
 
-#: Kinds by the names that `MethodConfig.regularizer` accepts.
+#: Kinds by the names that `methods.Penalty.kind` accepts.
 KINDS = {
     'kfac': lambda head: KFAC(restricted=False, head=head),
     'tkfac': lambda head: KFAC(restricted=True, head=head),

@@ -1,34 +1,39 @@
 """The data terms of a method: small pure functions with one signature.
 
-A method's loss on a batch is a sum of data terms. Each term is a
-`DataTerm(fn, past)`:
+A method's loss on a batch is a sum of data terms. A term is any callable
 
-    fn(logits, batch, context) -> scalar
+    term(logits, batch, context) -> scalar
 
-where `logits` (B, C) are the model's outputs on `batch['image']`, `batch`
-the step's batch (its optional keys switch terms on and off), and `context`
-a `Context` with the active outputs, the example weights and the previous
-model's outputs. A term with `past=False` belongs to the current task's
-loss L_t; a term with `past=True` stands for the finished tasks and is
-weighted like the penalty, J = (L_t + t·R)/(t + 1) (LwF's distillation).
-`dlcft_jax.train_state.step` sums them; `current` and `past` below are the
-two sums, for a user's own loop. The terms here:
+with two attributes, `past` and `needs_teacher`. `logits` (B, C) are the
+model's outputs on `batch['image']`, `batch` the step's batch (its optional
+keys switch terms on and off), and `context` a `Context` with the active
+outputs, the example weights and the previous model's outputs (read only by
+terms with `needs_teacher`). A term with `past=False` belongs to the current
+task's loss L_t; a term with `past=True` stands for the finished tasks and
+is weighted like the penalty, J = (L_t + t·R)/(t + 1) (LwF's distillation).
+`dlcft_jax.train_state.step` sums a method's terms; `current` and `past`
+below are the two sums, for a user's own loop. The terms here are frozen
+records (hashable, so a method that holds them is a static jit argument):
 
-* `labels(loss_fn)`: the label loss ℓ(f, y) (α-MSE or cross-entropy), mean
-  over the batch; with 'label_scale' (B,) each row's loss is scaled (DER and
-  DER++ weigh current and replayed rows with it).
-* `der_logits()`: DER's mean_n u_n · mean_c (f_nc − z_nc)² on the logits z
+* `LabelLoss(kind, alpha)`: the label loss ℓ(f, y) (α-MSE or cross-entropy),
+  mean over the batch; with 'label_scale' (B,) each row's loss is scaled
+  (DER and DER++ weigh current and replayed rows with it).
+* `StoredLogits()`: DER's mean_n u_n · mean_c (f_nc − z_nc)² on the logits z
   stored at insertion ('logit_target' (B, C), 'logit_scale' (B,) = u); zero
   when the batch has no 'logit_target'.
-* `distillation(kind, temperature, group_size)`: LwF's term on the current
+* `Distillation(kind, temperature, group_size)`: LwF's term on the current
   inputs, from the previous model's outputs (`context.teacher`); the
   outputs it covers are 'distill_mask' (B, C), else the active ones.
+* `labels(loss_fn)` / `DataTerm(fn, past, needs_teacher)`: a term from your
+  own function.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,36 +59,71 @@ class Context(NamedTuple):
 
 
 class DataTerm(NamedTuple):
-    """`fn(logits, batch, context) -> scalar`; `past`: weighted by t."""
+    """A term from a function: `fn(logits, batch, context) -> scalar`;
+    `past`: weighted by t; `needs_teacher`: reads `context.teacher`."""
 
     fn: Callable[[jax.Array, Batch, Context], jax.Array]
     past: bool = False
-    #: Needs `context.teacher` (the previous model's outputs).
     needs_teacher: bool = False
+
+    def __call__(self, logits, batch, ctx):
+        return self.fn(logits, batch, ctx)
+
+
+def _label_loss(loss_fn, logits, batch, ctx) -> jax.Array:
+    y, weights = batch['label'], ctx.weights
+    scale = batch.get('label_scale')
+    if scale is None:
+        return loss_fn(logits, y, class_mask=ctx.class_mask, weights=weights)
+    w = scale if weights is None else scale * weights
+    norm = y.shape[0] if weights is None else jnp.sum(weights)
+    value = loss_fn(logits, y, class_mask=ctx.class_mask, weights=w)
+    return value * (jnp.sum(w) / jnp.maximum(norm, 1e-12))
 
 
 def labels(loss_fn: Callable[..., jax.Array]) -> DataTerm:
-    """The label loss, `loss_fn(logits, labels, *, class_mask, weights)`."""
+    """The label loss of your own `loss_fn(logits, labels, *, class_mask,
+    weights)` (a weighted mean over the batch)."""
+    return DataTerm(functools.partial(_label_loss, loss_fn))
 
-    def fn(logits, batch, ctx):
-        y, weights = batch['label'], ctx.weights
-        scale = batch.get('label_scale')
-        if scale is None:
-            return loss_fn(
-                logits, y, class_mask=ctx.class_mask, weights=weights
+
+@dataclasses.dataclass(frozen=True)
+class LabelLoss:
+    """The label loss ℓ(f, y), mean over the batch: 'mse' (½‖α·onehot(y) −
+    f‖² over the active outputs) or 'ce' (softmax cross-entropy over them).
+    With 'label_scale' (B,) in the batch each row's loss is scaled (DER and
+    DER++ weigh current and replayed rows with it)."""
+
+    kind: str = 'mse'
+    alpha: float = losses.ALPHA
+    past: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if self.kind not in ('mse', 'ce'):
+            raise ValueError(
+                f"LabelLoss kind must be 'mse' or 'ce', got {self.kind!r}."
             )
-        w = scale if weights is None else scale * weights
-        norm = y.shape[0] if weights is None else jnp.sum(weights)
-        value = loss_fn(logits, y, class_mask=ctx.class_mask, weights=w)
-        return value * (jnp.sum(w) / jnp.maximum(norm, 1e-12))
 
-    return DataTerm(fn)
+    def loss_fn(self) -> Callable[..., jax.Array]:
+        """`loss(logits, labels, *, class_mask, weights)` of this term."""
+        return functools.partial(losses.loss_fn(self.kind), alpha=self.alpha)
+
+    def __call__(self, logits, batch, ctx):
+        return _label_loss(self.loss_fn(), logits, batch, ctx)
 
 
-def der_logits() -> DataTerm:
-    """DER's term on replayed rows: mean_n u_n · mean_c (f_nc − z_nc)²."""
+@dataclasses.dataclass(frozen=True)
+class StoredLogits:
+    """DER's term on replayed rows: mean_n u_n · mean_c (f_nc − z_nc)², z the
+    logits stored at insertion ('logit_target' (B, C)), u = 'logit_scale'
+    (B,) (α on the replayed rows, 0 on the others); zero when the batch has
+    no 'logit_target'."""
 
-    def fn(logits, batch, ctx):
+    past: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False
+
+    def __call__(self, logits, batch, ctx):
         if 'logit_target' not in batch:
             return jnp.zeros((), logits.dtype)
         sq = jnp.mean(jnp.square(logits - batch['logit_target']), -1)
@@ -91,19 +131,32 @@ def der_logits() -> DataTerm:
             batch['logit_scale'] * sq, ctx.weights
         )
 
-    return DataTerm(fn)
 
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """LwF's term on the current inputs, weighted by t like a penalty:
+    'kl' (KL of the previous model's softmax at temperature T to the current
+    one, within blocks of `group_size` outputs when > 0) or 'mse' (½‖f −
+    f_old‖²), over the old outputs: 'distill_mask' (B, C), else the active
+    ones."""
 
-def distillation(
-    kind: str, temperature: float = 1.0, group_size: int = 0
-) -> DataTerm:
-    """LwF: 'kl' (KL of the previous model's softmax to the current one,
-    temperature T, within blocks of `group_size` outputs when > 0) or 'mse'
-    (½‖f − f_old‖²) over the old outputs; weighted by t like a penalty."""
-    if kind not in ('kl', 'mse'):
-        raise ValueError(f"distillation kind must be 'kl' or 'mse': {kind!r}")
+    kind: str = 'kl'
+    temperature: float = 1.0
+    group_size: int = 0
+    past: ClassVar[bool] = True
+    needs_teacher: ClassVar[bool] = True
 
-    def fn(logits, batch, ctx):
+    def __post_init__(self):
+        if self.kind not in ('kl', 'mse'):
+            raise ValueError(
+                f"Distillation kind must be 'kl' or 'mse', got {self.kind!r}."
+            )
+        if self.temperature <= 0 or self.group_size < 0:
+            raise ValueError(
+                'Distillation needs temperature > 0 and group_size >= 0.'
+            )
+
+    def __call__(self, logits, batch, ctx):
         old = batch.get('distill_mask')
         if old is None:  # every active output (data-IL)
             old = jnp.broadcast_to(ctx.class_mask, logits.shape)
@@ -111,13 +164,11 @@ def distillation(
             logits,
             ctx.teacher,
             old,
-            kind=kind,
-            temperature=temperature,
-            group_size=group_size,
+            kind=self.kind,
+            temperature=self.temperature,
+            group_size=self.group_size,
             weights=ctx.weights,
         )
-
-    return DataTerm(fn, past=True, needs_teacher=True)
 
 
 def distill_loss(
@@ -155,7 +206,7 @@ def _sum(terms, logits, batch, ctx, past: bool) -> jax.Array:
     total = jnp.zeros((), jnp.float32)
     for term in terms:
         if term.past == past:
-            total = total + term.fn(logits, batch, ctx)
+            total = total + term(logits, batch, ctx)
     return total
 
 

@@ -1,23 +1,22 @@
 """Training state and the per-device step, built from composable parts.
 
-A method is a composition of four parts, each replaceable on its own:
+A method is a `dlcft_jax.methods.Method`: one record of parts, each
+replaceable on its own:
 
-* the **model**: the linearized backbone g_lin(x; ψ0 + Δ) (DLCFT) or the
-  non-linear g(x; ψ0 + Δ), with an exact head f = W z + b;
-* the **loss** of the current task's labels, `loss(logits, labels, *,
-  class_mask, weights)`: the α-scaled one-hot MSE or softmax cross-entropy
-  (`dlcft_jax.losses`), or a user's own; plus two optional data terms that
-  the batch switches on: replayed logits (DER's ‖f − z_stored‖²) and
-  distillation from the previous model (LwF);
+* the **network**: the linearized backbone g_lin(x; ψ0 + Δψ) (DLCFT) or the
+  non-linear g(x; ψ0 + Δψ), with an exact head f = W z + b (`Model`);
+* the **data terms** the step sums (`dlcft_jax.data_terms`): the label loss
+  (α-scaled one-hot MSE or cross-entropy), DER's stored logits, LwF's
+  distillation, or a user's own;
 * the **penalty** of past tasks, an optax transformation
   (`dlcft_jax.penalty.quadratic_penalty`) over a curvature kind
   (`dlcft_jax.curvature_kinds`: K-FAC, trace-restricted K-FAC, EWC, MAS);
-* the **optimizer**, any optax chain; `make_optimizer` builds the paper's:
+* the **optimizer**, any optax chain; the record's builds the paper's:
   penalty → clip → coupled L2 → Adam or SGD → per-task linear decay.
 
-`MethodConfig` names a composition (its presets are the paper's methods),
-and `create_state(..., tx=..., loss=...)` accepts a user's own optimizer and
-loss instead. The state is an explicit pytree (`TrainState`).
+`create_state(..., method=..., tx=..., loss=..., data_terms=...)` takes a
+record and, optionally, a user's own optimizer, loss or terms in place of
+its parts. The state is an explicit pytree (`TrainState`).
 
 `step(state, batch, *, axis_name=None)` is pure and per-device. Given an
 `axis_name` it averages gradients and metrics over that mapped axis
@@ -39,7 +38,6 @@ toward ψ0, as weight decay on the paper's tangent parameters does) and
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -54,7 +52,7 @@ from flax import traverse_util
 from dlcft_jax import curvature_kinds as kinds
 from dlcft_jax import data_terms as dterms
 from dlcft_jax import linearization as lin
-from dlcft_jax import losses
+from dlcft_jax import losses, methods
 from dlcft_jax import penalty as pen_lib
 from dlcft_jax.model import Model, head_apply  # noqa: F401 (re-exported)
 
@@ -62,225 +60,6 @@ Params = Any
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 LossFn = Callable[..., jax.Array]
-
-REGULARIZERS = ('kfac', 'tkfac', 'ewc', 'mas', 'none')
-DISTILL = ('none', 'kl', 'mse')
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodConfig:
-    """Static description of a method (hashable: it is part of the jit key).
-
-    Attributes:
-      linearized: train g_lin (DLCFT) instead of the non-linear network.
-      loss: 'mse' (α-scaled one-hot) or 'ce' (softmax cross-entropy).
-      alpha: the MSE label scale α.
-      regularizer: the curvature kind of the penalty: 'kfac', 'tkfac'
-        (trace-restricted), 'ewc' (diagonal true Fisher), 'mas' (MAS
-        importance) or 'none'.
-      proximal: κ of the proximal damping κ(θ − θ_{t−1}) added to the gradient
-        (0 disables it; only with a regularizer).
-      penalty_every: compute the penalty's curvature product every this many
-        steps and reuse it in between (1: every step, exact; see
-        `penalty.quadratic_penalty`).
-      distill: LwF's term on the current inputs, weighted like a penalty,
-        (L + t·R)/(t+1): 'kl' (KL of the previous model's softmax to the
-        current one), 'mse' (½‖f − f_old‖²) or 'none'.
-      distill_temperature: softmax temperature of 'kl' (1: the authors'
-        code's, docs/method.md §8.5).
-      distill_group_size: > 0: the 'kl' softmax is taken within consecutive
-        blocks of this many outputs (task-IL heads); 0: over all active ones.
-      bn_train: non-linear network only: BatchNorm uses batch statistics and
-        updates its running averages in training (Mammoth's practice; the
-        paper's DLCFT freezes them).
-      optimizer: 'adam' or 'sgd' (heavy-ball momentum; momentum 0 is plain
-        SGD).
-      learning_rate: η at the start of each task.
-      schedule: 'linear' (to 0 at the end of the task) or 'constant'.
-      momentum: SGD momentum.
-      b1, b2, eps: Adam's parameters.
-      weight_decay: coupled L2 coefficient λ.
-      clip_norm: global-norm clipping threshold (0 disables it).
-      grad_mode: 'jvp' or 'vjp', see `linearization.tangent_apply`.
-      regularize_head: include the head in the penalty (False for task-IL,
-        whose per-task heads the paper leaves unregularized).
-      update_untouched_outputs: also update the head outputs that no data
-        term of the batch touches (other tasks' heads in task-IL, classes
-        not seen yet in class-IL). False (default): their rows stay put;
-        otherwise weight decay alone would move them, by up to η per step
-        through Adam's normalisation (the authors' task-IL code decays only
-        the current head).
-    """
-
-    linearized: bool = True
-    loss: str = 'mse'
-    alpha: float = losses.ALPHA
-    regularizer: str = 'kfac'
-    proximal: float = 1e-4
-    penalty_every: int = 1
-    distill: str = 'none'
-    distill_temperature: float = 1.0
-    distill_group_size: int = 0
-    bn_train: bool = False
-    optimizer: str = 'adam'
-    learning_rate: float = 1e-4
-    schedule: str = 'linear'
-    momentum: float = 0.9
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 1e-5
-    clip_norm: float = 1.0
-    grad_mode: str = 'jvp'
-    regularize_head: bool = True
-    update_untouched_outputs: bool = False
-
-    def __post_init__(self):
-        checks = [
-            (
-                self.loss in ('mse', 'ce'),
-                f"loss must be 'mse' or 'ce', got {self.loss!r}",
-            ),
-            (
-                self.regularizer in REGULARIZERS,
-                f'regularizer must be one of {REGULARIZERS}, got '
-                f'{self.regularizer!r}',
-            ),
-            (
-                self.distill in DISTILL,
-                f'distill must be one of {DISTILL}, got {self.distill!r}',
-            ),
-            (
-                self.optimizer in ('adam', 'sgd'),
-                f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}",
-            ),
-            (
-                self.schedule in ('linear', 'constant'),
-                "schedule must be 'linear' or 'constant', got "
-                f'{self.schedule!r}',
-            ),
-            (self.learning_rate > 0, 'learning_rate must be > 0'),
-            (self.penalty_every >= 1, 'penalty_every must be >= 1'),
-            (
-                self.weight_decay >= 0
-                and self.proximal >= 0
-                and self.clip_norm >= 0
-                and self.momentum >= 0,
-                'weight_decay, proximal, clip_norm and momentum must be >= 0',
-            ),
-            (
-                self.distill_temperature > 0 and self.distill_group_size >= 0,
-                'distill_temperature must be > 0 and distill_group_size >= 0',
-            ),
-            (
-                self.grad_mode in ('vjp', 'jvp'),
-                f"grad_mode must be 'vjp' or 'jvp', got {self.grad_mode!r}",
-            ),
-            (
-                not (self.bn_train and self.linearized),
-                'bn_train needs the non-linear network (linearized=False): '
-                'the linearized model is defined at fixed BatchNorm '
-                'statistics',
-            ),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f'MethodConfig: {msg}.')
-
-    # -- presets: the paper's methods (docs/method.md §7, §8) --------------
-
-    @classmethod
-    def dlcft(cls, **overrides) -> MethodConfig:
-        """Linearized + MSE + K-FAC, Adam 1e-4, L2 1e-5, clip 1, κ 1e-4."""
-        return cls(**overrides)
-
-    @classmethod
-    def finetune(cls, **overrides) -> MethodConfig:
-        """Plain fine-tuning: non-linear network, cross-entropy, no penalty,
-        SGD momentum 0.9, lr 1e-3 (the paper's non-linear baselines)."""
-        return cls._nonlinear(dict(loss='ce', regularizer='none'), overrides)
-
-    @classmethod
-    def finetune_mse(cls, **overrides) -> MethodConfig:
-        """Fine-tuning of the non-linear network with the α-MSE loss."""
-        return cls._nonlinear(dict(loss='mse', regularizer='none'), overrides)
-
-    @classmethod
-    def ewc(cls, **overrides) -> MethodConfig:
-        """EWC (Kirkpatrick et al., 2017) as in the authors' code: diagonal
-        true Fisher, (L + t·R)/(t+1), non-linear + SCE, SGD 0.9, lr 1e-3."""
-        return cls._nonlinear(dict(loss='ce', regularizer='ewc'), overrides)
-
-    @classmethod
-    def mas(cls, **overrides) -> MethodConfig:
-        """MAS (Aljundi et al., 2018): Ω = E|∂‖f‖²/∂θ|, same weighting and
-        optimizer as EWC."""
-        return cls._nonlinear(dict(loss='ce', regularizer='mas'), overrides)
-
-    @classmethod
-    def lwf(cls, **overrides) -> MethodConfig:
-        """LwF (Li & Hoiem, 2016) as in the authors' code: KL to the
-        previous model's softmax on the current inputs, weight t,
-        (L + t·R)/(t+1); non-linear + SCE, SGD 0.9, lr 1e-3. With
-        loss='mse' the term is ½‖f − f_old‖² (distill='mse')."""
-        kw = dict(loss='ce', regularizer='none', distill='kl')
-        if overrides.get('loss') == 'mse':
-            kw['distill'] = 'mse'
-        return cls._nonlinear(kw, overrides)
-
-    @classmethod
-    def osla(cls, **overrides) -> MethodConfig:
-        """OSLA (Ritter et al., 2018), the K-FAC Laplace penalty of the
-        non-linear network with SCE: the authors' METHOD='KFAC',
-        LINEARIZED=False, LOSS_FN='SCE'; SGD 0.9, lr 1e-3."""
-        return cls._nonlinear(dict(loss='ce', regularizer='kfac'), overrides)
-
-    @classmethod
-    def _nonlinear(cls, kw: dict, overrides: dict) -> MethodConfig:
-        base = dict(
-            linearized=False,
-            optimizer='sgd',
-            learning_rate=1e-3,
-            proximal=1e-4 if kw.get('regularizer', 'none') != 'none' else 0.0,
-        )
-        base.update(kw)
-        base.update(overrides)
-        return cls(**base)
-
-
-def curvature_kind(config: MethodConfig) -> kinds.CurvatureKind | None:
-    """The `curvature_kinds` estimator of `config.regularizer` (None: none)."""
-    if config.regularizer == 'none':
-        return None
-    return kinds.KINDS[config.regularizer](config.regularize_head)
-
-
-def make_optimizer(config: MethodConfig) -> optax.GradientTransformation:
-    """The paper's chain: penalty → clip → coupled L2 → Adam/SGD → −η_k.
-
-    The penalty link is present when `config.regularizer` is not 'none';
-    its curvature is filled in by `create_state`.
-    """
-    parts = []
-    kind = curvature_kind(config)
-    if kind is not None:
-        parts.append(
-            pen_lib.quadratic_penalty(
-                kind, proximal=config.proximal, every=config.penalty_every
-            )
-        )
-    if config.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(config.clip_norm))
-    if config.weight_decay > 0:
-        parts.append(optax.add_decayed_weights(config.weight_decay))
-    if config.optimizer == 'adam':
-        parts.append(optax.scale_by_adam(config.b1, config.b2, config.eps))
-    elif config.momentum > 0:
-        parts.append(optax.trace(decay=config.momentum))
-    parts.append(
-        pen_lib.per_task_schedule(config.learning_rate, config.schedule)
-    )
-    return optax.chain(*parts)
 
 
 def keep_untouched_outputs(
@@ -316,22 +95,6 @@ def keep_untouched_outputs(
     return optax.GradientTransformation(inner.init, update)
 
 
-def default_loss(config: MethodConfig) -> LossFn:
-    """`loss(logits, labels, *, class_mask, weights)` of `config.loss`."""
-    fn = losses.loss_fn(config.loss)
-
-    def loss(logits, labels, *, class_mask=None, weights=None):
-        return fn(
-            logits,
-            labels,
-            alpha=config.alpha,
-            class_mask=class_mask,
-            weights=weights,
-        )
-
-    return loss
-
-
 class TrainState(flax.struct.PyTreeNode):
     """Everything a run carries between steps (a pytree).
 
@@ -346,16 +109,15 @@ class TrainState(flax.struct.PyTreeNode):
       opt_state: the optimizer state; holds the `penalty.PenaltyState`
         (anchor, accumulated curvature, task count) when there is a penalty.
       class_mask: (C,) float32, 1 for active outputs.
-      params0: the full pre-trained backbone variables ψ0 (with `bn_train`
-        its BatchNorm statistics are updated by training).
+      params0: the full pre-trained backbone variables ψ0 (with
+        `network.bn_train` its BatchNorm statistics are updated by training).
       apply_fn: static, the backbone `apply_fn(variables, x) -> features`.
       tx: static, the optax transformation.
-      config: static `MethodConfig`.
-      loss_fn: static, `loss(logits, labels, *, class_mask, weights)`.
+      method: static, the `methods.Method` record.
+      data_terms: static, the data terms the step sums (the method's, or a
+        user's, see `create_state`).
       train_apply_fn: static, `(variables, x) -> (features, {'batch_stats':
-        ...})` in training mode (only for `config.bn_train`).
-      data_terms: static, the `data_terms.DataTerm`s the step sums (None:
-        those of `config`, see `data_terms_of`).
+        ...})` in training mode (only for `network.bn_train`).
     """
 
     step: jax.Array
@@ -368,12 +130,9 @@ class TrainState(flax.struct.PyTreeNode):
     params0: Params
     apply_fn: Callable[..., jax.Array] = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-    config: MethodConfig = flax.struct.field(pytree_node=False)
-    loss_fn: LossFn = flax.struct.field(pytree_node=False, default=None)
+    method: methods.Method = flax.struct.field(pytree_node=False)
+    data_terms: tuple = flax.struct.field(pytree_node=False)
     train_apply_fn: Callable[..., Any] | None = flax.struct.field(
-        pytree_node=False, default=None
-    )
-    data_terms: tuple | None = flax.struct.field(
         pytree_node=False, default=None
     )
 
@@ -417,7 +176,7 @@ def create_state(
     *,
     num_classes: int,
     example_input: jax.Array,
-    config: MethodConfig = MethodConfig(),
+    method: methods.Method = methods.METHODS['dlcft'],
     tx: optax.GradientTransformation | None = None,
     loss: LossFn | None = None,
     trainable: Any = None,
@@ -436,37 +195,42 @@ def create_state(
         `class_mask` for a growing head).
       example_input: an input batch of the shape the step will see (only its
         shape and dtype are used).
-      config: the method (model, loss, regularizer, optimizer settings).
-      tx: your own optax transformation instead of `make_optimizer(config)`;
+      method: the `methods.Method` record (network, data terms, penalty,
+        optimizer); default DLCFT.
+      tx: your own optax transformation instead of the method's
+        (`method.make_optimizer()`);
         put `penalty.quadratic_penalty(kind)` first in it for a penalty of
         past tasks (its curvature is filled in here). The updates it returns
         are added to the parameters (optax's convention: include the
         learning rate and its sign).
       loss: your own `loss(logits, labels, *, class_mask, weights)` (a
-        weighted mean over the batch) instead of `config.loss`.
-      trainable: which backbone leaves are trained, see `linearize.split`.
+        weighted mean over the batch) instead of the method's `LabelLoss`.
+      trainable: which backbone leaves are trained, see `linearize.split`
+        (None: the method's `network.trainable`).
       head: an initial head {'kernel': (D, C), 'bias': (C,)}; zeros if None
         (the paper's class-IL choice, which also keeps the rows of unseen
         classes at their anchor 0).
       num_steps: N_0 for the first task's schedule.
-      train_apply_fn: with `config.bn_train`, the backbone in training mode,
+      train_apply_fn: with `network.bn_train`, the backbone in training mode,
         `(variables, x) -> (features, {'batch_stats': new statistics})`.
-      data_terms: your own `data_terms.DataTerm`s for the step to sum
-        instead of those of `config` (e.g. the config's plus one more:
-        `data_terms_of(state) + (my_term,)`).
+      data_terms: your own data terms for the step to sum instead of the
+        method's (e.g. the method's plus one more: `method.terms +
+        (my_term,)`).
 
     Returns:
       The `TrainState`.
     """
-    if config.bn_train and train_apply_fn is None:
+    if method.network.bn_train and train_apply_fn is None:
         raise ValueError(
-            'MethodConfig.bn_train needs train_apply_fn: the backbone in '
+            'Network.bn_train needs train_apply_fn: the backbone in '
             "training mode, e.g. lambda v, x: net.apply(v, x, train=True, "
             "mutable=['batch_stats'])."
         )
     # Own copies on the device: steps that donate the state then never
     # invalidate the caller's pre-trained variables.
     params0 = jax.tree.map(jnp.array, params0)
+    if trainable is None:
+        trainable = method.network.trainable
     delta = lin.zeros_like_trainable(params0, trainable)
     feat = jax.eval_shape(apply_fn, params0, example_input)
     if len(feat.shape) != 2:
@@ -485,8 +249,8 @@ def create_state(
             f"{head['kernel'].shape}."
         )
     params = {'backbone': delta, 'head': head}
-    tx = make_optimizer(config) if tx is None else tx
-    if not config.update_untouched_outputs:
+    tx = method.make_optimizer() if tx is None else tx
+    if not method.optimizer.update_untouched_outputs:
         tx = keep_untouched_outputs(tx)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -501,10 +265,9 @@ def create_state(
         params0=params0,
         apply_fn=apply_fn,
         tx=tx,
-        config=config,
-        loss_fn=default_loss(config) if loss is None else loss,
+        method=method,
+        data_terms=_terms(method, loss, data_terms),
         train_apply_fn=train_apply_fn,
-        data_terms=None if data_terms is None else tuple(data_terms),
     )
     opt_state = tx.init(optimizer_params(state, params))
     pen = pen_lib.find(opt_state)
@@ -521,30 +284,30 @@ def _copy(tree: Params) -> Params:
     return jax.tree.map(jnp.copy, tree)
 
 
-def data_terms_of(state: TrainState) -> tuple[dterms.DataTerm, ...]:
-    """The data terms of the state's method: the label loss (`loss_fn`),
-    DER's logit term (on when the batch has 'logit_target') and, with
-    `config.distill`, LwF's distillation weighted as a past term."""
-    if state.data_terms is not None:
-        return state.data_terms
-    cfg = state.config
-    terms = [dterms.labels(state.loss_fn), dterms.der_logits()]
-    if cfg.distill != 'none':
-        terms.append(
-            dterms.distillation(
-                cfg.distill, cfg.distill_temperature, cfg.distill_group_size
-            )
-        )
-    return tuple(terms)
+def _terms(method, loss, data_terms) -> tuple:
+    """The terms the step sums: a user's, else the method's with a user's
+    `loss` in place of its `LabelLoss`."""
+    if data_terms is not None:
+        return tuple(data_terms)
+    if loss is None:
+        return method.terms
+    return tuple(
+        dterms.labels(loss) if isinstance(t, dterms.LabelLoss) else t
+        for t in method.terms
+    )
 
 
 def model_of(state: TrainState, *, training: bool = False) -> Model:
-    """The `Model` part of the state's method (`training`: with the
-    BatchNorm-training backbone when `config.bn_train`)."""
-    cfg = state.config
-    train_fn = state.train_apply_fn if training and cfg.bn_train else None
+    """The `Model` of the state's method (`training`: with the
+    BatchNorm-training backbone when `network.bn_train`)."""
+    net = state.method.network
+    train_fn = state.train_apply_fn if training and net.bn_train else None
     return Model(
-        state.apply_fn, cfg.linearized, cfg.loss, cfg.grad_mode, train_fn
+        state.apply_fn,
+        net.linearized,
+        state.method.loss,
+        net.grad_mode,
+        train_fn,
     )
 
 
@@ -561,7 +324,7 @@ def apply_model(state: TrainState, params: Params, x: jax.Array) -> jax.Array:
 def optimizer_params(state: TrainState, params: Params) -> Params:
     """What the optimizer (penalty, coupled L2) sees: Δψ (linearized, so L2
     pulls toward ψ0) or ψ0 + Δψ (non-linear), and the head."""
-    if state.config.linearized:
+    if state.method.network.linearized:
         return params
     train0 = lin.select(state.params0, params['backbone'])
     return {
@@ -574,10 +337,6 @@ def learning_rate(state: TrainState) -> jax.Array:
     """η of the next step (NaN for a user optimizer without a schedule part)."""
     lr = pen_lib.learning_rate(state.opt_state)
     return jnp.asarray(jnp.nan if lr is None else lr, jnp.float32)
-
-
-#: LwF's term (moved to `data_terms`; kept here for existing callers).
-distill_loss = dterms.distill_loss
 
 
 def _check_batch(batch: Batch, num_classes: int) -> None:
@@ -619,8 +378,8 @@ def step(
           and DER++ weigh current and replayed rows with it);
         'logit_target' (B, C) and 'logit_scale' (B,): adds mean_n u_n ·
           mean_c (f_nc − z_nc)² (DER's term on logits stored at insertion);
-        'distill_mask' (B, C): the old outputs for `config.distill` (LwF;
-          default: the active outputs).
+        'distill_mask' (B, C): the old outputs of LwF's `Distillation`
+          (default: the active outputs).
       axis_name: the mapped axis to average gradients and metrics over, when
         the step runs under `pmap` or `shard_map`; None on one device.
 
@@ -636,7 +395,7 @@ def step(
     weights = batch.get('weight')
     t = state.task.astype(jnp.float32)
     n = labels.shape[0]
-    terms = data_terms_of(state)
+    terms = state.data_terms
     model = model_of(state, training=True)
 
     teacher = None

@@ -182,7 +182,7 @@ def state_tree(state, *, between_tasks: bool) -> dict[str, Any]:
     `begin_task` makes fresh moments.
     """
     tree = {name: getattr(state, name) for name in _STATE_FIELDS}
-    if state.config.bn_train:  # its BatchNorm statistics were trained
+    if state.method.network.bn_train:  # its BatchNorm statistics were trained
         tree['params0'] = state.params0
     leaves = jax.tree.leaves(state.opt_state, is_leaf=_is_penalty)
     tree['penalties'] = [

@@ -162,10 +162,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f'use at least {MIN_IMAGE_SIZE[name]}.',
     )
     _check_optimizer(config)
-    method = methods.get(config.method)
+    method = methods.resolve(config)
     need(
         config.setting != 'task_il'
-        or method.needs_buffer
+        or method.replay.required
         or not config.replay.buffer_size,
         f'config.replay.buffer_size={config.replay.buffer_size} with '
         f'setting task_il and method {config.method!r}: task-IL runs replay '
@@ -183,7 +183,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         'config.checkpoint.every_steps must be >= 0 and max_to_keep >= 1.',
     )
     need(
-        not method.needs_buffer or methods.replay_batch(config) > 0,
+        not method.replay.required or methods.replay_batch(config, method) > 0,
         f'config.method={config.method!r} replays from a buffer; set '
         'config.replay.buffer_size and config.replay.batch_size > 0 (e.g. '
         '200 and 32, Mammoth\'s defaults).',
@@ -223,9 +223,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def check_devices(config: ml_collections.ConfigDict) -> None:
     """The global batches must split evenly over all devices."""
     n = jax.device_count()
+    method = methods.resolve(config)
     per_step = config.train.batch_size + methods.replay_batch(
-        config
-    ) * methods.replay_draws(config)
+        config, method
+    ) * methods.replay_draws(config, method)
     if per_step % n:
         raise ConfigError(
             f'The global batch train.batch_size + replayed rows '

@@ -319,16 +319,17 @@ def fine_tune_and_record(
       entry per record.
     """
     lib_loss = dict(LOSSES)[loss]
-    config = dj.MethodConfig(
-        linearized=False,
-        loss=lib_loss,
-        regularizer='none',
-        proximal=0.0,
-        optimizer='adam',
-        learning_rate=learning_rate,
-        schedule='constant',
-        weight_decay=weight_decay,
-        clip_norm=clip_norm,
+    method = dj.Method(
+        name='spectrum',
+        network=dj.Network(linearized=False),
+        terms=(dj.data_terms.LabelLoss(lib_loss),),
+        penalty=None,
+        optimizer=dj.Optimizer(
+            learning_rate=learning_rate,
+            schedule='constant',
+            weight_decay=weight_decay,
+            clip_norm=clip_norm,
+        ),
     )
     example = images[:batch_size]
     state = dj.create_state(
@@ -336,7 +337,7 @@ def fine_tune_and_record(
         variables,
         num_classes=num_classes,
         example_input=example,
-        config=config,
+        method=method,
         head=head,
     )
     state = dj.begin_task(state, num_steps=max(steps, 1))
@@ -752,7 +753,7 @@ def main(argv: Sequence[str]) -> None:
             **settings,
             'curvature_batch_size': curvature_batch_size,
             'schedule': 'constant',
-            'alpha': dj.MethodConfig().alpha,
+            'alpha': dj.data_terms.LabelLoss().alpha,
         },
         **result,
     }

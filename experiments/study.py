@@ -295,7 +295,7 @@ def repeated(study: Study, names: Sequence[str]) -> list[str] | None:
             return None
         acc[n] = res['average_accuracy']
     others = sorted(
-        (n for n in runs if n != 'dlcft' and not methods.get(n).joint),
+        (n for n in runs if n != 'dlcft' and methods.get(n).trainer != 'joint'),
         key=lambda n: -acc[n],
     )
     return [n for n in runs if n == 'dlcft' or n in others[:3]]

@@ -58,6 +58,7 @@ import ml_collections
 import numpy as np
 
 import dlcft_jax as dj
+from dlcft_jax import data_terms as dterms
 from dlcft_jax import parallel
 from dlcft_jax.data import ReplayBuffer
 from experiments import (
@@ -78,44 +79,58 @@ from experiments.input_pipeline import Task
 # Small pure functions the loop is made of.
 
 
-def num_steps(config, method: methods.Method, t: int, num_tasks: int) -> int:
-    """N_t: steps of training task t (joint: all tasks' steps together)."""
-    cfg = config.train
-    if method.training_free:
-        return 0
-    if method.joint:
-        return cfg.steps_per_task * (num_tasks - 1 + cfg.first_task_multiplier)
-    return cfg.steps_per_task * (cfg.first_task_multiplier if t == 0 else 1)
+class Plan(NamedTuple):
+    """What is trained, in order: the tasks, or their union (joint)."""
+
+    train_tasks: list[Task]
+    steps: list[int]
+    joint: bool
+
+    def last_seen(self, t: int, num_tasks: int) -> int:
+        """The last task whose classes the model has met after training
+        `t` (joint training meets them all at once)."""
+        return num_tasks - 1 if self.joint else t
+
+    def global_step(self, t: int, k: int) -> int:
+        return sum(self.steps[:t]) + k
+
+
+def training_plan(train_cfg, method: dj.Method, tasks: list[Task]) -> Plan:
+    """N_t per trained task: `steps_per_task` (× `first_task_multiplier`
+    for the first); joint training: the union, for all the steps."""
+    per, first = train_cfg.steps_per_task, train_cfg.first_task_multiplier
+    if method.trainer == 'joint':
+        union = input_pipeline.union_task(tasks)
+        return Plan([union], [per * (len(tasks) - 1 + first)], True)
+    steps = [per * (first if t == 0 else 1) for t in range(len(tasks))]
+    return Plan(list(tasks), steps, False)
 
 
 def batch_spec(
-    config, data: datasets.Dataset, num_classes: int, mcfg: dj.MethodConfig
+    config, data: datasets.Dataset, num_classes: int, method: dj.Method
 ) -> input_pipeline.BatchSpec:
     """What the run's batches depend on (`input_pipeline.BatchSpec`)."""
-    method = methods.get(config.method)
+    rep = method.replay
     der = None
-    if method.replay in ('der', 'derpp'):
-        alpha = config.baselines.der_alpha
-        if alpha is None:
-            alpha = methods.DER_ALPHA[method.replay]
-        der = (alpha, config.baselines.der_beta)
+    if rep.logit_weight > 0:
+        der = (rep.logit_weight, rep.second_draw_weight)
     return input_pipeline.BatchSpec(
         seed=config.seed,
         setting=config.setting,
         batch_size=config.train.batch_size,
-        replay_batch=methods.replay_batch(config),
-        replay_draws=methods.replay_draws(config),
+        replay_batch=methods.replay_batch(config, method),
+        replay_draws=methods.replay_draws(config, method),
         num_classes=num_classes,
         classes_per_task=input_pipeline.classes_per_task(config),
         augment=bool(config.data.augment),
         augmentation=data.augmentation,
         der=der,
-        distill=mcfg.distill != 'none',
+        distill=dterms.needs_teacher(method.terms),
     )
 
 
 def initial_state(
-    config, data, tasks, num_classes, mcfg, spec
+    config, data, tasks, num_classes, method: dj.Method, spec
 ) -> dj.TrainState:
     """The train state at ψ0 (one device), BatchNorm statistics optionally
     re-estimated on the first task's images."""
@@ -130,19 +145,32 @@ def initial_state(
             datasets.test_transform,
             data.augmentation,
         )
-    method = methods.get(config.method)
     image = datasets.test_transform(data.augmentation, data.x_train[:1])
     example = jnp.zeros(
         (spec.rows // jax.device_count(), *image.shape[1:]), jnp.uint8
     )
+    bn_train = method.network.bn_train
     return dj.create_state(
         apply_fn,
         variables,
         num_classes=num_classes,
         example_input=example,
-        config=mcfg,
-        trainable=config.train.trainable or method.trainable,
-        train_apply_fn=apply_fn.train if mcfg.bn_train else None,
+        method=method,
+        train_apply_fn=apply_fn.train if bn_train else None,
+    )
+
+
+def buffer_spec(
+    config, method: dj.Method, data, num_classes: int
+) -> checkpointing.BufferSpec | None:
+    """The replay buffer of the run (None without replay)."""
+    if not methods.replay_batch(config, method):
+        return None
+    return checkpointing.BufferSpec(
+        methods.buffer_size(config, method),
+        data.x_train.shape[1:],
+        num_classes,
+        config.replay.store_logits or method.replay.logit_weight > 0,
     )
 
 
@@ -199,20 +227,6 @@ def offer_to_buffer(
     buffer.add(images, rows, task_ids, stored, rng=rng)
 
 
-def offer_step(buffer, spec, data, task, t, k, logits_fn) -> None:
-    """Stream insertion (Mammoth's): step k's current-task examples are
-    offered to the reservoir after the batch is drawn."""
-    pos = input_pipeline.step_positions(spec, task, t, k)
-    offer_to_buffer(
-        buffer,
-        data.x_train[task.train_idx[pos]],
-        task.train_rows[pos],
-        t if task.train_task is None else task.train_task[pos],
-        input_pipeline.rng(spec.seed, input_pipeline.RESERVOIR, t, k),
-        logits_fn,
-    )
-
-
 def fetch_metrics(metrics, where: str) -> dict[str, float]:
     """Device 0's step metrics as floats; stops a diverged run."""
     m = {
@@ -227,11 +241,10 @@ def fetch_metrics(metrics, where: str) -> dict[str, float]:
     return m
 
 
-def evaluate(config, method, tasks, t, num_classes, scores_of) -> list[float]:
-    """% accuracy on the test data of tasks 0..t, arg-max within each
-    task's mask (joint: every task, after training on their union);
-    `scores_of(j)` gives the class scores of task j's test images."""
-    last = len(tasks) - 1 if method.joint else t
+def evaluate(config, tasks, last, num_classes, scores_of) -> list[float]:
+    """% accuracy on the test data of tasks 0..last, arg-max within each
+    task's mask; `scores_of(j)` gives the class scores of task j's test
+    images."""
     _, masks = input_pipeline.class_masks(config, last, num_classes)
     if config.setting == 'data_il':
         # Every task shares the full test set and the head: one pass.
@@ -292,7 +305,7 @@ def results_record(
     per_task,
     num_trained: int,
     wall_time_s: float,
-    method_config: dict | None,
+    method_record: dict | None,
 ) -> dict[str, Any]:
     """The results.json record of a run (both runners)."""
     done = len(per_task)
@@ -319,8 +332,8 @@ def results_record(
         ),
         'per_task': per_task,
         'wall_time_s': wall_time_s,
-        # Training-free methods train nothing: no optimizer or loss to list.
-        'method_config': method_config,
+        # The method's record of parts, with the config's overrides.
+        'method_record': method_record,
         'config': json.loads(config.to_json_best_effort()),
         'num_devices': jax.device_count(),
         'num_processes': jax.process_count(),
@@ -397,7 +410,224 @@ def init_distributed(config: ml_collections.ConfigDict) -> None:
 
 
 # ----------------------------------------------------------------------------
-# The run.
+# The run: its fixed pieces, its position, and the phases of a task.
+
+
+class Run(NamedTuple):
+    """The fixed pieces of one run; the train state, the buffer and the
+    position are passed apart, explicitly."""
+
+    config: ml_collections.ConfigDict
+    method: dj.Method
+    plan: Plan
+    data: datasets.Dataset
+    tasks: list[Task]
+    num_classes: int
+    spec: input_pipeline.BatchSpec
+    fns: Compiled
+    buffer_spec: checkpointing.BufferSpec | None
+    ckpt: Any
+    log: reporting.RunLog
+    profile: profiling.Profile
+    chief: bool
+    t_start: float
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a run is and what it has measured (a checkpoint's meta).
+
+    Attributes:
+      acc: the accuracy matrix so far.
+      per_task: the per-task records so far.
+      task, step: the next step to take.
+      elapsed_s: wall seconds of the invocations before this one.
+      train_s: training seconds of `task` before a resume.
+    """
+
+    acc: list[list[float | None]]
+    per_task: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    task: int = 0
+    step: int = 0
+    elapsed_s: float = 0.0
+    train_s: float = 0.0
+
+    def meta(self, run: Run, fingerprint, t, k, train_s=None) -> dict:
+        return {
+            'task': t,
+            'steps_done': k,
+            'accuracy_matrix': self.acc,
+            'per_task': self.per_task,
+            'elapsed_s': self.elapsed_s + time.time() - run.t_start,
+            'task_timing': {} if train_s is None else {'train_s': train_s},
+            'fingerprint': fingerprint,
+        }
+
+
+def outputs(run: Run, fn, state, images) -> np.ndarray:
+    """`fn(state, x)` of `images` (test transform), in eval batches."""
+    return input_pipeline.apply_batched(
+        fn, state, images, run.config.eval.batch_size, run.data.augmentation
+    )
+
+
+def logits_fn(run: Run, state):
+    """The logits to store with offered examples (None: not stored)."""
+    if run.buffer_spec is None or not run.buffer_spec.store_logits:
+        return None
+    return functools.partial(outputs, run, run.fns.predict, state)
+
+
+def save(run: Run, state, buffer, pos: Position, t, k, train_s=None):
+    """A checkpoint at task t, step k (k = 0: task t − 1 finished)."""
+    with run.profile.phase('checkpoint', t if k else t - 1):
+        checkpointing.save(
+            run.ckpt,
+            run.plan.global_step(t, k),
+            state=parallel.host_unreplicate(state),
+            buffer=buffer,
+            buffer_spec=run.buffer_spec,
+            meta=pos.meta(
+                run, checkpointing.fingerprint(run.config), t, k, train_s
+            ),
+            force=True,
+        )
+
+
+def resume(run: Run, workdir: Path, state, buffer):
+    """(state, buffer, position) from the latest checkpoint of this config
+    in `workdir`, or the fresh ones."""
+    pos = Position([[None] * len(run.tasks) for _ in run.plan.train_tasks])
+    found = checkpointing.restore_latest(
+        run.ckpt,
+        run.config,
+        workdir,
+        state=parallel.host_unreplicate(state),
+        buffer_spec=run.buffer_spec,
+    )
+    if found is None:
+        return state, buffer, pos
+    _, host_state, buffer, saved = found
+    pos = Position(
+        acc=saved['accuracy_matrix'],
+        per_task=saved['per_task'],
+        task=saved['task'],
+        step=saved['steps_done'],
+        elapsed_s=saved['elapsed_s'],
+        train_s=saved['task_timing'].get('train_s', 0.0),
+    )
+    print(
+        f'resumed from {workdir / "checkpoints"} at task {pos.task + 1} '
+        f'step {pos.step}',
+        flush=True,
+    )
+    run.log.record(
+        {'event': 'resumed', 'task': pos.task, 'steps_done': pos.step}
+    )
+    return parallel.host_replicate(host_state), buffer, pos
+
+
+def train_task(run: Run, state, buffer, pos: Position, t: int):
+    """Task t's steps (from `pos.step` after a resume): (state, training
+    seconds, seconds spent waiting for input)."""
+    task, n = run.plan.train_tasks[t], run.plan.steps[t]
+    k0 = pos.step if pos.task == t else 0
+    before = pos.train_s if k0 else 0.0  # seconds before a resume
+    clock, input_wait = time.time(), 0.0
+    phase = run.profile.begin('train', t)
+    if k0 == 0:
+        last = run.plan.last_seen(t, len(run.tasks))
+        mask, _ = input_pipeline.class_masks(run.config, last, run.num_classes)
+        state = begin_task_fn(n)(state, mask)
+    spec, data = run.spec, run.data
+    stream = buffer is not None and run.method.replay.insert == 'stream'
+    batches = (
+        input_pipeline.to_devices(
+            input_pipeline.train_batch(spec, data, task, t, k, buffer)
+        )
+        for k in range(k0, n)
+    )
+    # With stream insertion a batch's replay rows depend on the step
+    # before it: no read-ahead.
+    if not stream:
+        batches = input_pipeline.prefetch(batches)
+    every = run.config.train.log_every
+    progress = None
+    if run.chief:
+        progress = reporting.Progress(n, t, len(run.plan.steps), every=every)
+    meter = reporting.Throughput()
+    for k in range(k0, n):
+        wait = time.time()
+        batch = next(batches)
+        wait = time.time() - wait
+        input_wait += wait
+        if stream:  # Mammoth's order: step k's rows offered after the draw
+            pos_k = input_pipeline.step_positions(spec, task, t, k)
+            offer_to_buffer(
+                buffer,
+                data.x_train[task.train_idx[pos_k]],
+                task.train_rows[pos_k],
+                t if task.train_task is None else task.train_task[pos_k],
+                input_pipeline.rng(spec.seed, input_pipeline.RESERVOIR, t, k),
+                logits_fn(run, state),
+            )
+        state, m = run.fns.step(state, batch)
+        meter.add(spec.rows, wait)
+        done, g = k + 1, run.plan.global_step(t, k + 1)
+        logging = done % every == 0 or done == n
+        saving = done < n and run.ckpt.should_save(g)
+        if logging or saving:
+            # Metrics reach the host only at log and save steps, and a
+            # diverged state is never saved.
+            m = fetch_metrics(m, f'task {t + 1} step {done}')
+        if logging:
+            m.update(meter.read())
+            if progress is not None:
+                progress.update(done, m)
+            run.log.record({'task': t, 'step': done, 'global_step': g, **m})
+            run.log.scalars({f'train/{key}': v for key, v in m.items()}, g)
+        if saving:
+            train_s = before + time.time() - clock
+            save(run, state, buffer, pos, t, done, train_s)
+    if progress is not None:
+        progress.close()
+    jax.block_until_ready(state)
+    run.profile.add(t, 'data', input_wait)
+    run.profile.end(phase, moved=input_wait)
+    return state, before + time.time() - clock, input_wait
+
+
+def finish_task(run: Run, state, buffer, t: int):
+    """The task's curvature enters the penalty, θ_t becomes the anchor,
+    and (task-end insertion) its examples are offered to the buffer."""
+    task = run.plan.train_tasks[t]
+    curvature = None
+    if state.penalty_state is not None:
+        cfg = run.config
+        curvature = dj.estimate_curvature(
+            state,
+            input_pipeline.curvature_batches(
+                run.spec,
+                run.data,
+                task,
+                t,
+                num_batches=cfg.curvature.num_batches,
+                batch_size=cfg.curvature.batch_size,
+            ),
+            jax.random.fold_in(jax.random.key(cfg.seed), t),
+            **run.fns.curvature,
+        )
+    state = run.fns.end_task(state, curvature)
+    if buffer is not None and run.method.replay.insert == 'task_end':
+        offer_to_buffer(
+            buffer,
+            run.data.x_train[task.train_idx],
+            task.train_rows,
+            t,
+            input_pipeline.rng(run.config.seed, input_pipeline.RESERVOIR, t),
+            logits_fn(run, state),
+        )
+    return jax.block_until_ready(state)
 
 
 def train_and_evaluate(
@@ -419,8 +649,8 @@ def train_and_evaluate(
     init_distributed(config)
     config_checks.check_devices(config)
     setup_compilation_cache(config)
-    method = methods.get(config.method)
-    if method.training_free:  # NCM, RanPAC: their own small runner
+    method = methods.resolve(config)
+    if not method.trains:  # NCM, RanPAC: their own small runner
         # Imported here: it builds on this module's functions.
         from experiments import training_free
 
@@ -431,214 +661,51 @@ def train_and_evaluate(
     chief = jax.process_index() == 0
     data = load_data(config)
     tasks, num_classes = input_pipeline.make_tasks(config, data)
-    # What is trained, task by task: the union for joint training.
-    train_tasks = [input_pipeline.union_task(tasks)] if method.joint else tasks
-    steps = [
-        num_steps(config, method, t, len(tasks))
-        for t in range(len(train_tasks))
-    ]
-    mcfg = methods.method_config(config)
-    spec = batch_spec(config, data, num_classes, mcfg)
-    state = initial_state(config, data, tasks, num_classes, mcfg, spec)
+    plan = training_plan(config.train, method, tasks)
+    spec = batch_spec(config, data, num_classes, method)
+    state = initial_state(config, data, tasks, num_classes, method, spec)
     # The state stays replicated on the local devices from here on.
     state = parallel.host_replicate(jax.device_get(state))
-    fns = compile_functions()
-    buffer_spec = None
-    if spec.replay_batch:
-        buffer_spec = checkpointing.BufferSpec(
-            methods.buffer_size(config),
-            data.x_train.shape[1:],
-            num_classes,
-            config.replay.store_logits or method.replay in ('der', 'derpp'),
-        )
-    buffer = ReplayBuffer(buffer_spec.capacity) if buffer_spec else None
-    insert = methods.insert_mode(config)
-
-    def outputs(fn, images):
-        """`fn(state, x)` of `images` (test transform), in eval batches."""
-        return input_pipeline.apply_batched(
-            fn, state, images, config.eval.batch_size, data.augmentation
-        )
-
-    logits_fn = None
-    if buffer_spec and buffer_spec.store_logits:
-        logits_fn = functools.partial(outputs, fns.predict)
-    announce(config, data, tasks, num_classes, chief)
-
-    # -- resume ---------------------------------------------------------------
-    ckpt = checkpointing.manager(
-        workdir,
-        every_steps=config.checkpoint.every_steps,
-        max_to_keep=config.checkpoint.max_to_keep,
-    )
-    log = reporting.RunLog(workdir, chief=chief)
-    fingerprint = checkpointing.fingerprint(config)
-    acc: list[list[float | None]] = [[None] * len(tasks) for _ in train_tasks]
-    per_task: list[dict[str, Any]] = []
-    t0, k0, elapsed, resumed_train_s = 0, 0, 0.0, 0.0
-    diverged = None
-
-    def meta(t, k, train_s=None):
-        timing = {} if train_s is None else {'train_s': train_s}
-        return {
-            'task': t,
-            'steps_done': k,
-            'accuracy_matrix': acc,
-            'per_task': per_task,
-            'elapsed_s': elapsed + time.time() - t_start,
-            'task_timing': timing,
-            'fingerprint': fingerprint,
-        }
-
-    def save(t, k, force=False, train_s=None):
-        g = sum(steps[:t]) + k
-        if not (force or ckpt.should_save(g)):
-            return
-        with profile.phase('checkpoint', t if k else t - 1):
-            checkpointing.save(
-                ckpt,
-                g,
-                state=parallel.host_unreplicate(state),
-                buffer=buffer,
-                buffer_spec=buffer_spec,
-                meta=meta(t, k, train_s),
-                force=True,
-            )
-
-    try:
-        found = checkpointing.restore_latest(
-            ckpt,
-            config,
+    run = Run(
+        config=config,
+        method=method,
+        plan=plan,
+        data=data,
+        tasks=tasks,
+        num_classes=num_classes,
+        spec=spec,
+        fns=compile_functions(),
+        buffer_spec=buffer_spec(config, method, data, num_classes),
+        ckpt=checkpointing.manager(
             workdir,
-            state=parallel.host_unreplicate(state),
-            buffer_spec=buffer_spec,
-        )
-        if found is not None:
-            _, host_state, buffer, saved = found
-            state = parallel.host_replicate(host_state)
-            t0, k0 = saved['task'], saved['steps_done']
-            acc, per_task = saved['accuracy_matrix'], saved['per_task']
-            elapsed = saved['elapsed_s']
-            resumed_train_s = saved['task_timing'].get('train_s', 0.0)
-            print(
-                f'resumed from {workdir / "checkpoints"} at task {t0 + 1} '
-                f'step {k0}',
-                flush=True,
-            )
-            log.record({'event': 'resumed', 'task': t0, 'steps_done': k0})
-
-        def scores_of(j):
-            return outputs(fns.predict, data.x_test[tasks[j].test_idx])
+            every_steps=config.checkpoint.every_steps,
+            max_to_keep=config.checkpoint.max_to_keep,
+        ),
+        log=reporting.RunLog(workdir, chief=chief),
+        profile=profile,
+        chief=chief,
+        t_start=t_start,
+    )
+    buffer = ReplayBuffer(run.buffer_spec.capacity) if run.buffer_spec else None
+    announce(config, data, tasks, num_classes, chief)
+    stop, diverged = config.train.stop_after_tasks, None
+    pos = Position([[None] * len(tasks) for _ in plan.train_tasks])
+    try:
+        # -- resume -----------------------------------------------------------
+        state, buffer, pos = resume(run, workdir, state, buffer)
 
         # -- for each task ----------------------------------------------------
-        stop = config.train.stop_after_tasks
-        for t in range(t0, len(train_tasks)):
+        for t in range(pos.task, len(plan.train_tasks)):
             if stop is not None and t >= stop:
                 break
-            task, n = train_tasks[t], steps[t]
-            # Training seconds of this task before a resume, if any.
-            before = resumed_train_s if k0 else 0.0
-            clock = time.time()
-            input_wait = 0.0
-            phase = profile.begin('train', t)
+            task, n = plan.train_tasks[t], plan.steps[t]
+            resumed = pos.task == t and pos.step > 0
+            state, train_s, input_wait = train_task(run, state, buffer, pos, t)
 
-            # begin
-            if k0 == 0:
-                last = len(tasks) - 1 if method.joint else t
-                mask, _ = input_pipeline.class_masks(config, last, num_classes)
-                state = begin_task_fn(n)(state, mask)
-
-            # steps
-            stream = buffer is not None and insert == 'stream'
-            batches = (
-                input_pipeline.to_devices(
-                    input_pipeline.train_batch(spec, data, task, t, k, buffer)
-                )
-                for k in range(k0, n)
-            )
-            # With stream insertion a batch's replay rows depend on the
-            # step before it: no read-ahead.
-            if not stream:
-                batches = input_pipeline.prefetch(batches)
-            progress = None
-            if chief:
-                progress = reporting.Progress(
-                    n, t, len(train_tasks), every=config.train.log_every
-                )
-            meter = reporting.Throughput()
-            for k in range(k0, n):
-                wait = time.time()
-                batch = next(batches)
-                wait = time.time() - wait
-                input_wait += wait
-                if stream:  # Mammoth's order: offered after the draw
-                    offer_step(buffer, spec, data, task, t, k, logits_fn)
-                state, m = fns.step(state, batch)
-                meter.add(spec.rows, wait)
-                done = k + 1
-                g = sum(steps[:t]) + done
-                logging = done % config.train.log_every == 0 or done == n
-                saving = done < n and ckpt.should_save(g)
-                if logging or saving:
-                    # Metrics reach the host only at log and save steps,
-                    # and a diverged state is never saved.
-                    m = fetch_metrics(m, f'task {t + 1} step {done}')
-                if logging:
-                    m.update(meter.read())
-                    if progress is not None:
-                        progress.update(done, m)
-                    log.record({'task': t, 'step': done, 'global_step': g, **m})
-                    log.scalars(
-                        {f'train/{name}': v for name, v in m.items()}, g
-                    )
-                if saving:
-                    save(
-                        t,
-                        done,
-                        force=True,
-                        train_s=before + time.time() - clock,
-                    )
-            if progress is not None:
-                progress.close()
-            jax.block_until_ready(state)
-            profile.add(t, 'data', input_wait)
-            profile.end(phase, moved=input_wait)
-            train_s = before + time.time() - clock
-            k0 = 0
-
-            # curvature, anchor (methods with a penalty)
+            # curvature, anchor, buffer
             clock = time.time()
             phase = profile.begin('curvature', t)
-            curvature = None
-            if state.penalty_state is not None:
-                curvature = dj.estimate_curvature(
-                    state,
-                    input_pipeline.curvature_batches(
-                        spec,
-                        data,
-                        task,
-                        t,
-                        num_batches=config.curvature.num_batches,
-                        batch_size=config.curvature.batch_size,
-                    ),
-                    jax.random.fold_in(jax.random.key(config.seed), t),
-                    **fns.curvature,
-                )
-            state = fns.end_task(state, curvature)
-
-            # buffer
-            if buffer is not None and insert == 'task_end':
-                offer_to_buffer(
-                    buffer,
-                    data.x_train[task.train_idx],
-                    task.train_rows,
-                    t,
-                    input_pipeline.rng(
-                        config.seed, input_pipeline.RESERVOIR, t
-                    ),
-                    logits_fn,
-                )
-            jax.block_until_ready(state)
+            state = finish_task(run, state, buffer, t)
             profile.end(phase)
             curvature_s = time.time() - clock
 
@@ -646,45 +713,52 @@ def train_and_evaluate(
             clock = time.time()
             with profile.phase('eval', t):
                 accuracy = evaluate(
-                    config, method, tasks, t, num_classes, scores_of
+                    config,
+                    tasks,
+                    plan.last_seen(t, len(tasks)),
+                    num_classes,
+                    lambda j, s=state: outputs(
+                        run, run.fns.predict, s, data.x_test[tasks[j].test_idx]
+                    ),
                 )
-            acc[t][: len(accuracy)] = accuracy
-            eval_s = time.time() - clock
+            pos.acc[t][: len(accuracy)] = accuracy
 
             # report
+            before = pos.train_s if resumed else 0.0
             summary = task_summary(
                 config,
                 t,
                 task,
                 accuracy,
-                acc,
-                method.joint,
+                pos.acc,
+                plan.joint,
                 steps=n,
                 train_s=train_s,
                 # Share of this invocation's training time spent waiting for
                 # input batches (the host pipeline starving the device).
                 input_wait_frac=input_wait / max(train_s - before, 1e-9),
                 curvature_s=curvature_s,
-                eval_s=eval_s,
+                eval_s=time.time() - clock,
             )
-            per_task.append(summary)
+            pos.per_task.append(summary)
             reporting.report_task(
-                log,
+                run.log,
                 summary,
-                acc,
-                sum(steps[: t + 1]),
+                pos.acc,
+                plan.global_step(t + 1, 0),
                 chief=chief,
-                joint=method.joint,
+                joint=plan.joint,
             )
-            save(t + 1, 0, force=True)
+            pos.task, pos.step = t + 1, 0
+            save(run, state, buffer, pos, t + 1, 0)
     except FloatingPointError as e:
         # A diverged run: partial results, the last good checkpoint kept.
         diverged = str(e)
     finally:
         # Async saves complete before the process ends, error or not.
-        with profile.phase('checkpoint', max(len(per_task) - 1, 0)):
-            checkpointing.close(ckpt)
-        log.close()
+        with profile.phase('checkpoint', max(len(pos.per_task) - 1, 0)):
+            checkpointing.close(run.ckpt)
+        run.log.close()
         profile.__exit__(None, None, None)
 
     # -- outputs --------------------------------------------------------------
@@ -693,14 +767,13 @@ def train_and_evaluate(
         data_name=data.name,
         tasks=tasks,
         num_classes=num_classes,
-        joint=method.joint,
-        acc=acc,
-        per_task=per_task,
-        num_trained=len(train_tasks),
-        wall_time_s=elapsed + time.time() - t_start,
-        method_config=dataclasses.asdict(mcfg),
+        joint=plan.joint,
+        acc=pos.acc,
+        per_task=pos.per_task,
+        num_trained=len(plan.train_tasks),
+        wall_time_s=pos.elapsed_s + time.time() - t_start,
+        method_record=method.as_dict(),
     )
-    done = len(per_task)
     if diverged:
         results['stopped'] = diverged
     write_results(results, profile, time.time() - t_start, workdir, chief)
@@ -713,7 +786,7 @@ def train_and_evaluate(
         )
     if chief and not results['complete']:
         print(
-            f'stopped after task {done} of {len(tasks)} '
+            f'stopped after task {len(pos.per_task)} of {len(tasks)} '
             f'(config.train.stop_after_tasks={stop}); run the same '
             'command with a larger value, or without it, to continue.'
         )

@@ -41,7 +41,7 @@ def fit_training_free(free, config, method, z, y, num_classes, log):
     """NCM / RanPAC: task features `z`, head rows `y` added to the
     closed-form classifier `free` (None before the first task)."""
     opts = config.baselines
-    if method.training_free == 'ncm':
+    if method.trainer == 'ncm':
         if free is None:
             free = prototypes.ncm_init(num_classes, z.shape[1])
         return prototypes.ncm_update(free, z, y)
@@ -82,7 +82,7 @@ def fit_training_free(free, config, method, z, y, num_classes, log):
 
 def free_scores(free, config, method, z) -> np.ndarray:
     """Class scores of a training-free classifier on features `z`."""
-    if method.training_free == 'ncm':
+    if method.trainer == 'ncm':
         scores = prototypes.ncm_scores(free, z, config.baselines.ncm_metric)
     else:
         scores = prototypes.ranpac_scores(free['state'], free['w'], z)
@@ -98,10 +98,9 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
     chief = jax.process_index() == 0
     data = train.load_data(config)
     tasks, num_classes = input_pipeline.make_tasks(config, data)
-    method = methods.get(config.method)
-    mcfg = methods.method_config(config)
-    spec = train.batch_spec(config, data, num_classes, mcfg)
-    state = train.initial_state(config, data, tasks, num_classes, mcfg, spec)
+    method = methods.resolve(config)
+    spec = train.batch_spec(config, data, num_classes, method)
+    state = train.initial_state(config, data, tasks, num_classes, method, spec)
     state = parallel.host_replicate(jax.device_get(state))
     features = train.compile_functions().features
     train.announce(config, data, tasks, num_classes, chief)
@@ -142,7 +141,7 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
             clock = time.time()
             with profile.phase('eval', t):
                 accuracy = train.evaluate(
-                    config, method, tasks, t, num_classes, scores_of
+                    config, tasks, t, num_classes, scores_of
                 )
             acc[t][: len(accuracy)] = accuracy
             summary = train.task_summary(
@@ -176,7 +175,7 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
         per_task=per_task,
         num_trained=len(tasks),
         wall_time_s=time.time() - t_start,
-        method_config=None,
+        method_record=method.as_dict(),
     )
     train.write_results(results, profile, time.time() - t_start, workdir, chief)
     if chief and not results['complete']:

@@ -36,7 +36,7 @@ def with_random_head(state, *, scale, num_steps, seed=1):
     )
 
 
-def small_state(config=None, b=8, num_steps=5):
+def small_state(method=None, b=8, num_steps=5):
     """A small-CNN state for 3 classes with a random head, in task 0."""
     apply_fn, v = init_small(jax.random.key(0))
     state = dj.create_state(
@@ -44,7 +44,7 @@ def small_state(config=None, b=8, num_steps=5):
         v,
         num_classes=3,
         example_input=small_batch(b)['image'],
-        config=dj.MethodConfig() if config is None else config,
+        method=dj.METHODS['dlcft'] if method is None else method,
     )
     return with_random_head(state, scale=0.5, num_steps=num_steps)
 

@@ -16,6 +16,7 @@ import pytest
 
 import dlcft_jax as dj
 from dlcft_jax import curvature as curv_lib
+from dlcft_jax import data_terms as dterms
 from dlcft_jax import linearization as lin
 from dlcft_jax import losses, penalty
 from dlcft_jax import train_state as ts
@@ -32,7 +33,7 @@ def _batch(b=6, seed=0):
     }
 
 
-def _state(config, seed=1, **kwargs):
+def _state(method, seed=1, **kwargs):
     """A small-CNN state with a random head and a non-zero Δ."""
     apply_fn, v = init_small(jax.random.key(0))
     state = dj.create_state(
@@ -40,7 +41,7 @@ def _state(config, seed=1, **kwargs):
         v,
         num_classes=C,
         example_input=_batch()['image'],
-        config=config,
+        method=method,
         **kwargs,
     )
     k1, k2 = jax.random.split(jax.random.key(seed))
@@ -81,7 +82,7 @@ def _per_example_grad(state, x, objective):
 
 @pytest.mark.parametrize('loss', ['ce', 'mse'])
 def test_ewc_diagonal_is_the_mean_squared_gradient_with_sampled_labels(loss):
-    state = _state(dj.MethodConfig.ewc(loss=loss))
+    state = _state(dj.METHODS['ewc'].replace(terms=(dterms.LabelLoss(loss),)))
     batch = _batch()
     rng = jax.random.key(7)
     got = dj.curvature_kinds.EWC().batch(*_kind_args(state), batch, rng)
@@ -109,7 +110,7 @@ def test_ewc_diagonal_is_the_mean_squared_gradient_with_sampled_labels(loss):
 
 
 def test_mas_importance_is_the_mean_absolute_gradient_of_the_output_norm():
-    state = _state(dj.MethodConfig.mas())
+    state = _state(dj.METHODS['mas'])
     batch = _batch()
     got = dj.curvature_kinds.MAS().batch(
         *_kind_args(state), batch, jax.random.key(0)
@@ -127,7 +128,7 @@ def test_mas_importance_is_the_mean_absolute_gradient_of_the_output_norm():
 
 
 def test_diagonal_penalty_is_half_weighted_squared_distance_and_task_head():
-    state = _state(dj.MethodConfig.ewc(regularize_head=False))
+    state = _state(dj.METHODS['ewc'].replace(penalty=dict(head=False)))
     curv = dj.curvature_kinds.EWC(head=False).batch(
         *_kind_args(state), _batch(), jax.random.key(0)
     )
@@ -159,8 +160,8 @@ def _after_first_task(state, batch, steps=3):
 
 @pytest.mark.parametrize('kind', ['kl', 'mse'])
 def test_lwf_target_is_the_frozen_previous_model(kind):
-    cfg = dj.MethodConfig.lwf(loss='ce' if kind == 'kl' else 'mse')
-    assert cfg.distill == kind
+    cfg = dj.METHODS['lwf' if kind == 'kl' else 'lwf_mse']
+    assert cfg.terms[1] == dterms.Distillation(kind)
     state = _state(cfg)
     batch = _batch()
     state = _after_first_task(state, batch)
@@ -193,7 +194,7 @@ def test_lwf_kl_within_task_heads():
     s = jnp.array([[0.3, -0.2, 1.0, 0.5]])
     t = jnp.array([[1.0, 0.0, -1.0, 2.0]])
     mask = jnp.array([[1.0, 1.0, 1.0, 1.0]])
-    got = ts.distill_loss(s, t, mask, kind='kl', group_size=2)
+    got = dterms.distill_loss(s, t, mask, kind='kl', group_size=2)
     want = 0.0
     for lo in (0, 2):
         p = jax.nn.softmax(t[0, lo : lo + 2])
@@ -204,9 +205,11 @@ def test_lwf_kl_within_task_heads():
 
 @pytest.mark.parametrize('variant', ['der', 'derpp'])
 def test_der_uses_stored_logits_and_derpp_adds_ce_on_buffer_labels(variant):
-    state = dj.begin_task(
-        _state(dj.MethodConfig.finetune(momentum=0.0)), num_steps=5
+    # DER's terms on fine-tuning's network (BatchNorm frozen).
+    der = dj.METHODS['finetune'].replace(
+        terms=dj.METHODS[variant].terms, optimizer=dict(momentum=0.0)
     )
+    state = dj.begin_task(_state(der), num_steps=5)
     b, r = 4, 2
     n = b + (2 * r if variant == 'derpp' else r)
     batch = _batch(n)
@@ -254,8 +257,8 @@ def _batch_curvature(state, batch, rng, **kwargs):
 
 
 def test_osla_curvature_is_kfac_of_the_nonlinear_net_with_sampled_labels():
-    state = _state(dj.MethodConfig.osla())
-    assert not state.config.linearized and state.config.loss == 'ce'
+    state = _state(dj.METHODS['osla'])
+    assert not state.method.network.linearized and state.method.loss == 'ce'
     batch = _batch()
     rng = jax.random.key(5)
     got = dj.train_state.curvature_step(state, batch, rng)
@@ -295,7 +298,7 @@ def test_osla_curvature_is_kfac_of_the_nonlinear_net_with_sampled_labels():
 
 @pytest.mark.parametrize('kind', ['kfac', 'ewc', 'mas'])
 def test_padding_rows_do_not_enter_the_curvature(kind):
-    state = _state(dj.MethodConfig(regularizer=kind))
+    state = _state(dj.METHODS['dlcft'].replace(penalty=dict(kind=kind)))
     batch = _batch(6)
     padded = {
         'image': jnp.concatenate([batch['image'], 50.0 + batch['image'][:2]]),
@@ -333,7 +336,7 @@ def test_a_user_optax_chain_with_the_penalty_reproduces_the_preset_step():
             num_classes=C,
             example_input=batch['image'],
             tx=tx,
-            config=dj.MethodConfig.dlcft(learning_rate=1e-4),
+            method=dj.METHODS['dlcft'],
             num_steps=n,
         )
         for tx in (None, _user_chain(n))
@@ -389,7 +392,7 @@ def test_sequential_equals_joint_for_the_head_through_a_user_tx():
             example_input=tasks[0]['image'],
             trainable='none',
             tx=tx,
-            config=dj.MethodConfig(proximal=0.0),
+            method=dj.METHODS['dlcft'].replace(penalty=dict(proximal=0.0)),
         )
         state = state.replace(
             params=jax.tree.map(lambda a: a.astype(jnp.float64), state.params),
@@ -445,7 +448,7 @@ def test_trainable_all_warns_about_leaves_without_curvature_and_keeps_stats():
             num_classes=C,
             example_input=_batch()['image'],
             trainable='all',
-            config=dj.MethodConfig.ewc(),
+            method=dj.METHODS['ewc'],
         )
 
 
@@ -457,22 +460,22 @@ def test_bn_train_updates_the_batchnorm_statistics():
         return net.apply(variables, x, train=True, mutable=['batch_stats'])
 
     with pytest.raises(ValueError, match='non-linear'):
-        dj.MethodConfig(bn_train=True)
-    cfg = dj.MethodConfig.finetune(bn_train=True)
+        dj.Network(bn_train=True)
+    cfg = dj.METHODS['finetune'].replace(network=dict(bn_train=True))
     with pytest.raises(ValueError, match='train_apply_fn'):
         dj.create_state(
             net.apply,
             v,
             num_classes=C,
             example_input=_batch()['image'],
-            config=cfg,
+            method=cfg,
         )
     state = dj.create_state(
         net.apply,
         v,
         num_classes=C,
         example_input=_batch()['image'],
-        config=cfg,
+        method=cfg,
         train_apply_fn=train_apply,
     )
     batch = _batch()
@@ -495,8 +498,8 @@ def test_bn_train_updates_the_batchnorm_statistics():
 def test_outputs_no_data_term_touches_stay_put(update_all):
     """Task-IL: another task's head gets no data gradient; weight decay alone
     would move it by about η per step through Adam's normalisation."""
-    cfg = dj.MethodConfig(
-        learning_rate=1e-2, update_untouched_outputs=update_all
+    cfg = dj.METHODS['dlcft'].replace(
+        optimizer=dict(learning_rate=1e-2, update_untouched_outputs=update_all)
     )
     state = dj.begin_task(_state(cfg), num_steps=10)
     batch = {
@@ -558,23 +561,69 @@ def test_a_data_term_of_ones_own_joins_the_step_without_an_edit_to_it():
     """Data terms are pure `fn(logits, batch, context)`: the step sums the
     current ones (L_t) and weights the past ones by t; a user's extra term
     changes the loss exactly by its own value."""
-    from dlcft_jax import data_terms as dterms
-
     batch = _batch(8)
 
     def logit_l2(logits, batch, ctx):
         del batch, ctx
         return 0.05 * jnp.mean(jnp.sum(jnp.square(logits), -1))
 
-    base = dj.begin_task(_state(dj.MethodConfig.dlcft()), num_steps=4)
+    base = dj.begin_task(_state(dj.METHODS['dlcft']), num_steps=4)
     extra = base.replace(
-        data_terms=ts.data_terms_of(base) + (dterms.DataTerm(logit_l2),)
+        data_terms=base.data_terms + (dterms.DataTerm(logit_l2),)
     )
     _, m0 = dj.step(base, batch)
     _, m1 = dj.step(extra, batch)
     logits = ts.apply_model(base, base.params, batch['image'])
     want = float(m0['data_loss']) + float(logit_l2(logits, batch, None))
     np.testing.assert_allclose(float(m1['data_loss']), want, rtol=1e-5)
-    assert not dterms.any_past(ts.data_terms_of(extra))
-    lwf = ts.data_terms_of(base.replace(config=dj.MethodConfig.lwf()))
+    assert not dterms.any_past(extra.data_terms)
+    lwf = dj.METHODS['lwf'].terms
     assert dterms.any_past(lwf) and dterms.needs_teacher(lwf)
+
+
+def test_the_docs_methods_table_is_rendered_from_the_records():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / 'README.md').read_text()
+    assert dj.methods.table() in readme
+    for name in dj.METHODS:
+        assert f'| `{name}` |' in readme
+
+
+def test_a_record_is_changed_part_by_part():
+    base = dj.METHODS['dlcft']
+    m = base.replace(penalty=dict(kind='tkfac'), optimizer=dict(name='sgd'))
+    assert m.penalty == dj.Penalty('tkfac') and m.optimizer.name == 'sgd'
+    assert m.network == base.network and m.terms == base.terms
+    assert base.penalty.kind == 'kfac'  # records are values
+    assert base.replace(penalty=None).penalty is None
+    assert hash(m) != hash(base) and m == base.replace(
+        penalty=dj.Penalty('tkfac'), optimizer=dict(name='sgd')
+    )
+    record = m.as_dict()
+    assert record['terms'] == [
+        {'term': 'LabelLoss', 'kind': 'mse', 'alpha': 15}
+    ]
+    assert record['penalty']['kind'] == 'tkfac'
+
+
+def test_a_new_method_is_one_record_that_the_step_runs():
+    """DLCFT with DER's stored-logit term, composed from existing parts: its
+    step's data loss is DLCFT's label loss plus DER's term, and its optimizer
+    is DLCFT's (penalty first)."""
+    new = dj.METHODS['dlcft_der']
+    assert new.penalty == dj.METHODS['dlcft'].penalty
+    assert dterms.StoredLogits() in new.terms
+    state = dj.begin_task(_state(new), num_steps=4)
+    batch = _batch(6)
+    stored = jnp.asarray(
+        np.random.default_rng(0).normal(size=(6, C)), jnp.float32
+    )
+    scale = jnp.asarray([0, 0, 0, 0, 0.3 * 3, 0.3 * 3], jnp.float32)
+    batch = {**batch, 'logit_target': stored, 'logit_scale': scale}
+    _, m = dj.step(state, batch)
+    f = ts.apply_model(state, state.params, batch['image'])
+    label = losses.mse_loss(f, batch['label'], alpha=15.0)
+    der = jnp.mean(scale * jnp.mean(jnp.square(f - stored), -1))
+    np.testing.assert_allclose(m['data_loss'], label + der, rtol=1e-5)
+    assert state.penalty_state is not None

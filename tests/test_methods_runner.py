@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from tiny_run import TINY, set_fields, tiny_config
 
+from dlcft_jax import data_terms as dterms
 from experiments import backbones, datasets, input_pipeline, methods, train
 from experiments.configs import data_il, task_il
 
@@ -49,15 +50,15 @@ def test_every_method_runs_the_tiny_class_il(tmp_path, npz_dir, method):
     results = train.train_and_evaluate(config, str(tmp_path / 'w'))
     _check(results, method)
     m = methods.get(method)
-    if m.joint:
+    if m.trainer == 'joint':
         assert len(results['accuracy_matrix']) == 1
         assert results['forgetting'] is None
     else:
         assert len(results['accuracy_matrix']) == 2
     steps = [p['steps'] for p in results['per_task']]
-    if m.training_free:
+    if not m.trains:
         assert steps == [0, 0]
-    elif m.joint:
+    elif m.trainer == 'joint':
         # the union, for the sequence's total budget (6 + 3 steps)
         assert steps == [9]
         assert results['per_task'][0]['train_examples'] == 80
@@ -113,19 +114,27 @@ def test_ncm_scores_are_the_class_means_of_frozen_features(tmp_path, npz_dir):
 
 
 def test_method_defaults_follow_the_published_ones(npz_dir):
-    er = methods.method_config(_config(npz_dir, 'class_il', 'er'))
-    assert (er.learning_rate, er.momentum, er.weight_decay) == (0.03, 0.0, 0.0)
-    assert er.bn_train and not er.linearized and er.regularizer == 'none'
-    assert methods.DER_ALPHA == {'der': 0.3, 'derpp': 0.1}
-    osla = methods.method_config(_config(npz_dir, 'class_il', 'osla'))
-    assert (osla.linearized, osla.loss, osla.regularizer) == (
+    er = methods.resolve(_config(npz_dir, 'class_il', 'er'))
+    opt = er.optimizer
+    assert (opt.learning_rate, opt.momentum, opt.weight_decay) == (0.03, 0, 0)
+    assert er.network.bn_train and not er.network.linearized
+    assert er.penalty is None and er.replay.insert == 'stream'
+    alphas = {
+        n: methods.resolve(_config(npz_dir, 'class_il', n)).replay
+        for n in ('der', 'derpp')
+    }
+    assert alphas['der'].logit_weight == 0.3 and alphas['der'].draws == 1
+    assert alphas['derpp'].logit_weight == 0.1
+    assert alphas['derpp'].second_draw_weight == 0.5
+    osla = methods.resolve(_config(npz_dir, 'class_il', 'osla'))
+    assert (osla.network.linearized, osla.loss, osla.penalty.kind) == (
         False,
         'ce',
         'kfac',
     )
-    assert (osla.optimizer, osla.learning_rate) == ('sgd', 1e-3)
+    assert (osla.optimizer.name, osla.optimizer.learning_rate) == ('sgd', 1e-3)
     grid = {
-        name: methods.method_config(_config(npz_dir, 'data_il', name))
+        name: methods.resolve(_config(npz_dir, 'data_il', name))
         for name in (
             'kfac_lin_mse',
             'kfac_lin_sce',
@@ -133,16 +142,17 @@ def test_method_defaults_follow_the_published_ones(npz_dir):
             'kfac_nonlin_sce',
         )
     }
-    assert {(c.linearized, c.loss) for c in grid.values()} == {
+    assert {(c.network.linearized, c.loss) for c in grid.values()} == {
         (True, 'mse'),
         (True, 'ce'),
         (False, 'mse'),
         (False, 'ce'),
     }
-    assert all(c.regularizer == 'kfac' for c in grid.values())
-    lwf = methods.method_config(_config(npz_dir, 'task_il', 'lwf'))
-    assert lwf.distill == 'kl' and lwf.distill_group_size == 2
-    assert not lwf.regularize_head
+    assert all(c.penalty.kind == 'kfac' for c in grid.values())
+    lwf = methods.resolve(_config(npz_dir, 'task_il', 'lwf'))
+    assert lwf.terms[1] == dterms.Distillation('kl', 1.0, 2)
+    dlcft = methods.resolve(_config(npz_dir, 'task_il', 'dlcft'))
+    assert not dlcft.penalty.head
 
 
 def test_buffer_methods_need_a_buffer(tmp_path, npz_dir):

@@ -59,8 +59,8 @@ def test_model_penalty_equals_dense_block_diagonal_form(restricted):
             v,
             num_classes=3,
             example_input=batch['image'],
-            config=dj.MethodConfig(
-                regularizer='tkfac' if restricted else 'kfac'
+            method=dj.METHODS['dlcft'].replace(
+                penalty=dict(kind='tkfac' if restricted else 'kfac')
             ),
         )
         head = {

@@ -323,7 +323,7 @@ def test_dlcft_steps_on_reduced_cifar_resnet18():
         params0,
         num_classes=10,
         example_input=batches[0]['image'],
-        config=dj.MethodConfig(learning_rate=1e-3),
+        method=dj.METHODS['dlcft'].replace(optimizer=dict(learning_rate=1e-3)),
     )
     state = with_random_head(state, scale=0.1, num_steps=3)
     for _ in range(3):

@@ -61,7 +61,8 @@ def test_class_il_run_writes_complete_results(
     ]
     assert any(e.get('event') == 'task_end' for e in log)
     assert all(np.isfinite(e['loss']) for e in log if 'loss' in e)
-    assert on_disk['method_config']['regularizer'] == (curvature or 'none')
+    penalty = on_disk['method_record']['penalty']
+    assert (penalty and penalty['kind']) == (curvature or None)
     if method == 'dlcft':
         # The second task's steps carry the K-FAC and head penalty.
         assert any(e.get('task') == 1 and e.get('penalty', 0) > 0 for e in log)
@@ -113,7 +114,7 @@ def test_task_il_scores_each_task_with_its_own_head(tmp_path, npz_dir):
     config.setting = 'task_il'
     config.replay.buffer_size = 0
     results = train.train_and_evaluate(config, str(tmp_path / 'task'))
-    assert results['method_config']['regularize_head'] is False
+    assert results['method_record']['penalty']['head'] is False
     r = results['accuracy_matrix']
     # Two classes per head: every entry is a 2-way accuracy.
     assert all(0.0 <= r[i][j] <= 100.0 for i in range(2) for j in range(i + 1))

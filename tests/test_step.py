@@ -67,14 +67,16 @@ def test_objective_is_task_weighted_average_and_penalty_is_active():
 def test_step_gradient_is_the_objective_gradient_plus_damping():
     """With plain SGD (no clip/decay/momentum) one step moves θ by −η·g, where
     g = ∇[(L + t·R)/(t+1)] + κ(θ − θ_{t−1})."""
-    cfg = dj.MethodConfig(
-        optimizer='sgd',
-        momentum=0.0,
-        clip_norm=0.0,
-        weight_decay=0.0,
-        schedule='constant',
-        learning_rate=0.1,
-        proximal=1e-2,
+    cfg = dj.METHODS['dlcft'].replace(
+        optimizer=dj.Optimizer(
+            name='sgd',
+            momentum=0.0,
+            clip_norm=0.0,
+            weight_decay=0.0,
+            schedule='constant',
+            learning_rate=0.1,
+        ),
+        penalty=dict(proximal=1e-2),
     )
     batch = small_batch()
     state = second_task(small_state(cfg), batch)
@@ -104,8 +106,11 @@ def test_step_gradient_is_the_objective_gradient_plus_damping():
 
 def test_vjp_and_jvp_grad_modes_take_the_same_step():
     batch = small_batch()
-    s1 = second_task(small_state(dj.MethodConfig(grad_mode='vjp')), batch)
-    s2 = s1.replace(config=dj.MethodConfig(grad_mode='jvp'))
+    s1 = second_task(
+        small_state(dj.METHODS['dlcft'].replace(network=dict(grad_mode='vjp'))),
+        batch,
+    )
+    s2 = s1.replace(method=dj.METHODS['dlcft'])
     a, _ = dj.step(s1, batch)
     b, _ = dj.step(s2, batch)
     jax.tree.map(
@@ -117,7 +122,7 @@ def test_vjp_and_jvp_grad_modes_take_the_same_step():
 
 def test_finetune_baseline_trains_the_nonlinear_network_without_penalty():
     batch = small_batch()
-    state = small_state(dj.MethodConfig.finetune())
+    state = small_state(dj.METHODS['finetune'])
     assert state.curvature is None
     state, m = dj.step(state, batch)
     assert float(m['penalty']) == 0.0
@@ -125,8 +130,8 @@ def test_finetune_baseline_trains_the_nonlinear_network_without_penalty():
         m['data_loss'],
         losses.cross_entropy_loss(
             ts.apply_model(
-                small_state(dj.MethodConfig.finetune()),
-                small_state(dj.MethodConfig.finetune()).params,
+                small_state(dj.METHODS['finetune']),
+                small_state(dj.METHODS['finetune']).params,
                 batch['image'],
             ),
             batch['label'],
@@ -162,9 +167,13 @@ def test_a_batch_of_the_wrong_shape_fails_at_trace_time():
         dj.step(state, {**batch, 'class_mask': jnp.ones((8, 4))})
 
 
-def test_bad_method_config_is_explained():
-    with pytest.raises(ValueError, match="regularizer must be"):
-        dj.MethodConfig(regularizer='ewc2')
+def test_bad_method_record_is_explained():
+    with pytest.raises(ValueError, match="Penalty: kind must be"):
+        dj.Penalty('ewc2')
+    with pytest.raises(ValueError, match='Optimizer: name must be'):
+        dj.METHODS['dlcft'].replace(optimizer=dict(name='adamw'))
+    with pytest.raises(ValueError, match='StoredLogits'):
+        dj.METHODS['dlcft'].replace(replay=dict(logit_weight=0.3))
 
 
 def test_parallel_batch_must_divide_devices():

@@ -54,7 +54,7 @@ FEATURE_DIM = 1280
 STRATEGIES = ('er', 'der', 'derpp', 'lwf', 'ewc')
 
 # Each strategy's defaults: our method's optimizer and protocol
-# (experiments/methods.py, dlcft_jax.MethodConfig presets).
+# (the `dlcft_jax.METHODS` records).
 _MAMMOTH = dict(
     lr=0.03,
     momentum=0.0,
