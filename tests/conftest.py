@@ -133,3 +133,16 @@ def fixture_npz_dir(tmp_path, repo_root):
         keep = np.concatenate([np.flatnonzero(y == c)[:n] for c in range(4)])
         np.savez(out / f'{split}.npz', image=x[keep], label=y[keep])
     return out
+
+
+@pytest.fixture
+def x64():
+    """Runs the test with float64 enabled, restoring the flag afterwards."""
+    import jax
+
+    previous = jax.config.read('jax_enable_x64')
+    jax.config.update('jax_enable_x64', True)
+    try:
+        yield
+    finally:
+        jax.config.update('jax_enable_x64', previous)

@@ -38,17 +38,6 @@ _CASES = [
 ]
 
 
-@pytest.fixture
-def x64():
-    """Runs the test with float64 enabled, restoring the flag afterwards."""
-    previous = jax.config.read('jax_enable_x64')
-    jax.config.update('jax_enable_x64', True)
-    try:
-        yield
-    finally:
-        jax.config.update('jax_enable_x64', previous)
-
-
 def _inputs(h, w, c, kernel, seed=0):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((2, h, w, c)), jnp.float64)

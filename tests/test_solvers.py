@@ -1,0 +1,86 @@
+"""The solvers of `dlcft_jax.solvers`: the head in closed form."""
+
+import numpy as np
+import pytest
+
+from dlcft_jax import solvers
+
+D, C, ALPHA = 5, 6, 15.0
+
+
+def _task(rng, classes, n=40):
+    z = rng.normal(size=(n, D)) + rng.normal(size=(1, D))
+    y = rng.choice(classes, size=n)
+    w = np.full((n,), 1.0 / n)  # the mean over the task's examples
+    stats = solvers.to_host(
+        solvers.head_stats(z, y, alpha=ALPHA, num_classes=C, weights=w)
+    )
+    return z, y, stats
+
+
+def test_head_stats_give_the_loss_of_any_head(x64):
+    rng = np.random.default_rng(0)
+    z, y, stats = _task(rng, [0, 1, 2])
+    wbar = rng.normal(size=(D + 1, C))
+    mask = np.array([1, 1, 1, 1, 0, 0], np.float64)
+    f = z @ wbar[:-1] + wbar[-1]
+    target = ALPHA * np.eye(C)[y]
+    want = np.mean(0.5 * np.sum(mask * (target - f) ** 2, -1))
+    got = solvers.head_loss(stats, wbar, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_the_solve_is_the_minimiser_of_the_task_objective():
+    """The gradient of L + t·R_head vanishes at the solution, and inactive
+    outputs keep their anchor."""
+    rng = np.random.default_rng(1)
+    _, _, stats = _task(rng, [2, 3])
+    anchor = rng.normal(size=(D + 1, C))
+    a = rng.normal(size=(D + 1, D + 1))
+    a = a @ a.T / D
+    mask = np.array([1, 1, 1, 1, 0, 0], np.float64)
+    t = 2
+    sol = solvers.solve_head(
+        stats, class_mask=mask, anchor=anchor, past_a=a, num_tasks=t
+    )
+    grad = stats.gram @ sol - stats.cross + t * a @ (sol - anchor)
+    np.testing.assert_allclose(grad[:, :4], 0.0, atol=1e-9)
+    np.testing.assert_array_equal(sol[:, 4:], anchor[:, 4:])
+
+    def objective(w):
+        return solvers.head_loss(stats, w, mask) + t * solvers.head_penalty(
+            w, anchor, a
+        )
+
+    for _ in range(5):
+        other = sol + 1e-3 * rng.normal(size=sol.shape) * mask
+        assert objective(other) > objective(sol)
+
+
+@pytest.mark.parametrize('num_tasks', [2, 3])
+def test_sequential_head_solves_equal_the_joint_solution(num_tasks, x64):
+    """Frozen features, class-IL: a task-by-task closed-form head with the
+    exact head curvature (the running average of each task's E[z̄z̄ᵀ]) and
+    the penalty's weighting ends at the joint least-squares head over the
+    union (every output active), to float64 precision: DLCFT's promise,
+    exact for the head."""
+    rng = np.random.default_rng(2)
+    groups = [[0, 1], [2, 3], [4, 5]][:num_tasks]
+    tasks = [_task(rng, g) for g in groups]
+    wbar = np.zeros((D + 1, C))
+    past_a = np.zeros((D + 1, D + 1))
+    for t, (_, _, stats) in enumerate(tasks):
+        mask = np.zeros(C)
+        mask[: 2 * (t + 1)] = 1
+        wbar = solvers.solve_head(
+            stats, class_mask=mask, anchor=wbar, past_a=past_a, num_tasks=t
+        )
+        a_t = solvers.exact_head_curvature(stats)
+        past_a = (t * past_a + a_t) / (t + 1)  # the penalty's running mean
+    total = sum((s for _, _, s in tasks[1:]), tasks[0][2])
+    joint = np.linalg.solve(total.gram, total.cross)
+    seen = 2 * num_tasks
+    np.testing.assert_allclose(wbar[:, :seen], joint[:, :seen], atol=1e-8)
+    # Outputs of classes never seen stay at the anchor 0 in both.
+    np.testing.assert_allclose(joint[:, seen:], 0.0, atol=1e-9)
+    np.testing.assert_allclose(wbar[:, seen:], 0.0)
