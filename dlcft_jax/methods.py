@@ -217,6 +217,10 @@ class Replay:
         rows share the label loss with the current rows (ER, DLCFT).
       second_draw_weight: β > 0: a second draw enters the label loss with
         weight β (DER++).
+      label_weight: ρ ≥ 0, the weight of the replayed rows in the label
+        loss when they share it with the current rows (1: a replayed row
+        counts as a current one; 0: replay off). Under an exact penalty the
+        buffer counts the old tasks a second time; ρ sets by how much.
     """
 
     enabled: bool = True
@@ -224,6 +228,7 @@ class Replay:
     required: bool = False
     logit_weight: float = 0.0
     second_draw_weight: float = 0.0
+    label_weight: float = 1.0
 
     def __post_init__(self):
         _check(
@@ -234,8 +239,14 @@ class Replay:
                     f'{self.insert!r}',
                 ),
                 (
-                    self.logit_weight >= 0 and self.second_draw_weight >= 0,
-                    'logit_weight and second_draw_weight must be >= 0',
+                    min(
+                        self.logit_weight,
+                        self.second_draw_weight,
+                        self.label_weight,
+                    )
+                    >= 0,
+                    'logit_weight, second_draw_weight and label_weight must '
+                    'be >= 0',
                 ),
             ],
             'Replay',
@@ -271,6 +282,10 @@ class Method:
       trainer: 'sequential' (task by task), 'joint' (once on the union of
         the tasks: the upper bound), or a training-free classifier on
         frozen features: 'ncm' or 'ranpac'.
+      closed_form_head: at the end of each task the head is set to the
+        exact minimiser of the task's objective given the final features
+        (`solvers.solve_head`, α-MSE only), and the task's head curvature to
+        the exact E[z̄z̄ᵀ] of its examples.
       reference: where the method and its defaults come from.
     """
 
@@ -282,6 +297,7 @@ class Method:
     optimizer: Optimizer = Optimizer()
     replay: Replay = Replay()
     trainer: str = 'sequential'
+    closed_form_head: bool = False
     reference: str = ''
 
     def __post_init__(self):
@@ -300,6 +316,11 @@ class Method:
                         isinstance(t, dterms.StoredLogits) for t in self.terms
                     ),
                     'replay.logit_weight > 0 needs the StoredLogits term',
+                ),
+                (
+                    not self.closed_form_head
+                    or (self.loss == 'mse' and bool(labels)),
+                    'closed_form_head needs the α-MSE LabelLoss',
                 ),
             ],
             f'Method {self.name!r}',
@@ -380,6 +401,8 @@ class Method:
             optim += f', m {opt.momentum:g}'
         if opt.schedule == 'constant':
             optim += ', constant'
+        if self.closed_form_head:
+            optim += ' + closed-form head'
         rep = self.replay
         if not rep.enabled:
             replay = '—'
@@ -388,6 +411,8 @@ class Method:
             if rep.second_draw_weight:
                 replay += ' + labels'
             replay += f', {rep.insert.replace("_", " ")}'
+            if rep.label_weight != 1:
+                replay += f', ρ {rep.label_weight:g}'
         return {
             'method': self.name,
             'trainer': self.trainer,
@@ -592,6 +617,13 @@ _RECORDS = [
         terms=_DER_TERMS,
         logit_weight=0.1,
         second_draw_weight=0.5,
+    ),
+    _m(
+        'dlcft_head',
+        "DLCFT whose head is solved in closed form at each task's end: the "
+        'exact minimiser of the task objective given the final features.',
+        closed_form_head=True,
+        reference=_SHON,
     ),
     # A composition that no paper names, one record and no code: DLCFT whose
     # replayed rows are held to the logits stored when they entered the

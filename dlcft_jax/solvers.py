@@ -3,7 +3,7 @@
 DLCFT's promise (docs/method.md §6.1) holds for the *minimiser* of each
 task's objective
 
-    J_t(θ) = (L_t(θ) + t·R(θ)) / (t + 1),   R = ½ (θ − θ_{t−1})ᵀ H̄ (θ − θ_{t−1}),
+    J_t(θ) = (L_t(θ) + t·R(θ)) / (t + 1),  R = ½ (θ − θ_{t−1})ᵀ H̄ (θ − θ_{t−1}),
 
 and a fixed budget of first-order steps stops short of it. This module
 holds what measures and closes that gap.
@@ -54,7 +54,7 @@ class HeadStats(NamedTuple):
     weight: Any
 
     def __add__(self, other):  # type: ignore[override]
-        return HeadStats(*(a + b for a, b in zip(self, other)))
+        return HeadStats(*(a + b for a, b in zip(self, other, strict=True)))
 
 
 def head_stats(

@@ -294,6 +294,8 @@ class BatchSpec:
       augmentation: the data set's augmentation (`datasets.AUGMENTATIONS`).
       der: (α, β) of DER / DER++ (β 0 for DER), or None.
       distill: whether the method distils from the previous model (LwF).
+      replay_weight: ρ, the weight of replayed rows in the label loss
+        (`Replay.label_weight`; 1: they count as current rows do).
     """
 
     seed: int
@@ -307,6 +309,7 @@ class BatchSpec:
     augmentation: str
     der: tuple[float, float] | None = None
     distill: bool = False
+    replay_weight: float = 1.0
 
     @property
     def rows(self) -> int:
@@ -423,6 +426,10 @@ def _loss_terms(
             np.where(kind == _DRAW1, alpha * total / r, 0.0).astype(np.float32)
         )[rows]
         out['logit_target'] = stored[rows]
+    elif spec.replay_weight != 1.0:
+        replayed = (kind == _DRAW1) | (kind == _DRAW2)
+        scale = np.where(replayed, spec.replay_weight, 1.0)
+        out['label_scale'] = scale.astype(np.float32)[rows]
     if spec.distill:
         c, cpt = spec.num_classes, spec.classes_per_task
         if spec.setting == 'data_il':

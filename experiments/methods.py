@@ -81,6 +81,8 @@ def _replay_changes(record: dj.Method, config) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     if config.replay.insert is not None:
         changes['insert'] = config.replay.insert
+    if config.replay.weight is not None:
+        changes['label_weight'] = config.replay.weight
     b = config.baselines
     if record.replay.logit_weight > 0 and b.der_alpha is not None:
         changes['logit_weight'] = b.der_alpha
@@ -111,6 +113,10 @@ def resolve(config: ml_collections.ConfigDict) -> dj.Method:
             optimizer=_optimizer_changes(record, config.optim),
             replay=_replay_changes(record, config),
         )
+        if config.solver.closed_form_head is not None:
+            method = method.replace(
+                closed_form_head=config.solver.closed_form_head
+            )
         method = method.replace_terms(
             dterms.LabelLoss, alpha=config.optim.alpha
         )

@@ -300,6 +300,7 @@ def joint_summary(results: Mapping[str, Any]) -> str:
         if avg is not None
         else 'average accuracy -'
     )
+    lines += objective_lines([per])
     return '\n'.join(lines)
 
 
@@ -408,7 +409,24 @@ def summary_table(results: Mapping[str, Any]) -> str:
     lines.append(
         'wall time ' + ('-' if wall is None else f'{float(wall):.0f} s')
     )
+    lines += objective_lines(per_task[:num_tasks])
     return '\n'.join(lines)
+
+
+def objective_lines(per_task: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each task's objective J_t at its end and its gap to the closed-form
+    head optimum (experiments/convergence.py); none if not measured."""
+    if not any('objective' in p for p in per_task):
+        return []
+    lines = ['task  objective J_t  gap to head optimum  ‖∇_head J‖']
+    for t, p in enumerate(per_task):
+        if 'objective' not in p:
+            continue
+        lines.append(
+            f'{t + 1:<5} {p["objective"]:13.4f}  '
+            f'{p["objective_gap"]:19.4f}  {p["head_grad_norm"]:9.2e}'
+        )
+    return lines
 
 
 # ---------------------------------------------------------------------------

@@ -66,6 +66,7 @@ from experiments import (
     checkpointing,
     cli,
     config_checks,
+    convergence,
     datasets,
     input_pipeline,
     methods,
@@ -126,6 +127,7 @@ def batch_spec(
         augmentation=data.augmentation,
         der=der,
         distill=dterms.needs_teacher(method.terms),
+        replay_weight=rep.label_weight,
     )
 
 
@@ -597,10 +599,42 @@ def train_task(run: Run, state, buffer, pos: Position, t: int):
     return state, before + time.time() - clock, input_wait
 
 
-def finish_task(run: Run, state, buffer, t: int):
-    """The task's curvature enters the penalty, θ_t becomes the anchor,
-    and (task-end insertion) its examples are offered to the buffer."""
+def measure_task(run: Run, state, buffer, t: int):
+    """`convergence.measure` of task t's objective (and the closed-form
+    head): (state, record, exact head factor or None)."""
     task = run.plan.train_tasks[t]
+    last = run.plan.last_seen(t, len(run.tasks))
+    mask, _ = input_pipeline.class_masks(run.config, last, run.num_classes)
+    rep = run.method.replay
+    replayed, shares = None, (run.spec.batch_size, 0)
+    # Label-replayed rows share the label loss (DER's rows enter through
+    # the stored-logit term instead, which is not measured here).
+    if buffer is not None and len(buffer) and rep.logit_weight == 0:
+        contents = buffer.contents()
+        replayed = (contents['image'], contents['label'])
+        shares = (run.spec.batch_size, run.spec.replay_batch)
+    return convergence.measure(
+        functools.partial(outputs, run, run.fns.features, state),
+        state,
+        run.data.x_train[task.train_idx],
+        task.train_rows,
+        replayed,
+        class_mask=mask,
+        batch_shares=shares,
+        replay_weight=rep.label_weight,
+        solve=run.method.closed_form_head,
+    )
+
+
+def finish_task(run: Run, state, buffer, t: int):
+    """Task t's objective measured (the head solved in closed form if the
+    method says so), its curvature enters the penalty, θ_t becomes the
+    anchor, and (task-end insertion) its examples are offered to the
+    buffer: (state, convergence record)."""
+    task = run.plan.train_tasks[t]
+    record, exact_a = {}, None
+    if run.config.solver.measure or run.method.closed_form_head:
+        state, record, exact_a = measure_task(run, state, buffer, t)
     curvature = None
     if state.penalty_state is not None:
         cfg = run.config
@@ -617,6 +651,7 @@ def finish_task(run: Run, state, buffer, t: int):
             jax.random.fold_in(jax.random.key(cfg.seed), t),
             **run.fns.curvature,
         )
+        curvature = convergence.with_exact_head(curvature, exact_a)
     state = run.fns.end_task(state, curvature)
     if buffer is not None and run.method.replay.insert == 'task_end':
         offer_to_buffer(
@@ -627,7 +662,7 @@ def finish_task(run: Run, state, buffer, t: int):
             input_pipeline.rng(run.config.seed, input_pipeline.RESERVOIR, t),
             logits_fn(run, state),
         )
-    return jax.block_until_ready(state)
+    return jax.block_until_ready(state), record
 
 
 def train_and_evaluate(
@@ -705,7 +740,7 @@ def train_and_evaluate(
             # curvature, anchor, buffer
             clock = time.time()
             phase = profile.begin('curvature', t)
-            state = finish_task(run, state, buffer, t)
+            state, objective = finish_task(run, state, buffer, t)
             profile.end(phase)
             curvature_s = time.time() - clock
 
@@ -739,6 +774,7 @@ def train_and_evaluate(
                 input_wait_frac=input_wait / max(train_s - before, 1e-9),
                 curvature_s=curvature_s,
                 eval_s=time.time() - clock,
+                **objective,
             )
             pos.per_task.append(summary)
             reporting.report_task(

@@ -166,6 +166,19 @@ def base(setting: str, benchmark: str) -> ml_collections.ConfigDict:
     # it), 'stream' (each batch after its step, Mammoth's way); None: the
     # method's (stream for er / der / derpp, task_end otherwise).
     config.replay.insert = config_dict.placeholder(str)
+    # ρ, the weight of replayed rows in the label loss (None: the method's,
+    # 1 for every method: a replayed row counts as a current one; 0 turns
+    # replay off without changing the batch).
+    config.replay.weight = config_dict.placeholder(float)
+
+    # Each task's objective J_t after its steps (experiments/convergence.py):
+    # one forward pass over the task's examples; the gap to the closed-form
+    # head optimum in results.json and summary.txt.
+    config.solver = ml_collections.ConfigDict()
+    config.solver.measure = True
+    # Solve the head in closed form at each task's end (None: the method's;
+    # dlcft_head does). α-MSE methods only.
+    config.solver.closed_form_head = config_dict.placeholder(bool)
 
     # Options of the baselines (experiments/methods.py lists the methods).
     config.baselines = ml_collections.ConfigDict()
