@@ -32,6 +32,7 @@ import optax
 from dlcft_jax import curvature_kinds as kinds
 from dlcft_jax import data_terms as dterms
 from dlcft_jax import penalty as pen_lib
+from dlcft_jax import solvers
 
 TRAINERS = ('sequential', 'joint', 'ncm', 'ranpac')
 
@@ -136,13 +137,19 @@ class Optimizer:
     −η_k, with η_k the per-task schedule.
 
     Attributes:
-      name: 'adam' or 'sgd' (heavy-ball momentum; momentum 0 is plain SGD).
-      learning_rate: η at the start of each task.
+      name: 'adam', 'sgd' (heavy-ball momentum; momentum 0 is plain SGD) or
+        'kfac' (`solvers.kfac_solver`: K-FAC-preconditioned updates sized
+        by exact minimisation of the quadratic model; no clipping, schedule
+        or learning rate: the step size is solved for).
+      learning_rate: η at the start of each task (Adam, SGD).
       schedule: 'linear' (to 0 at the end of the task) or 'constant'.
       momentum: SGD momentum.
       b1, b2, eps: Adam's parameters.
       weight_decay: coupled L2 coefficient λ.
       clip_norm: global-norm clipping threshold (0 disables it).
+      damping: 'kfac': λ of the preconditioner and the quadratic model.
+      refresh_every: 'kfac': re-estimate the current task's factors every
+        this many steps.
       update_untouched_outputs: also update the head outputs that no data
         term of the batch touches (other tasks' heads in task-IL, classes
         not seen yet in class-IL). False (default): their rows stay put
@@ -158,14 +165,16 @@ class Optimizer:
     eps: float = 1e-8
     weight_decay: float = 1e-5
     clip_norm: float = 1.0
+    damping: float = 1e-3
+    refresh_every: int = 20
     update_untouched_outputs: bool = False
 
     def __post_init__(self):
         _check(
             [
                 (
-                    self.name in ('adam', 'sgd'),
-                    f"name must be 'adam' or 'sgd', got {self.name!r}",
+                    self.name in ('adam', 'sgd', 'kfac'),
+                    f"name must be 'adam', 'sgd' or 'kfac', got {self.name!r}",
                 ),
                 (
                     self.schedule in ('linear', 'constant'),
@@ -173,6 +182,10 @@ class Optimizer:
                     f'{self.schedule!r}',
                 ),
                 (self.learning_rate > 0, 'learning_rate must be > 0'),
+                (
+                    self.damping > 0 and self.refresh_every >= 1,
+                    'damping must be > 0 and refresh_every >= 1',
+                ),
                 (
                     min(self.weight_decay, self.clip_norm, self.momentum) >= 0,
                     'weight_decay, clip_norm and momentum must be >= 0',
@@ -184,8 +197,23 @@ class Optimizer:
     def chain(
         self, penalty: Penalty | None = None
     ) -> optax.GradientTransformation:
-        """The optax chain: [penalty →] clip → L2 → Adam/SGD → −η_k."""
+        """The optax chain: [penalty →] clip → L2 → Adam/SGD → −η_k, or
+        [penalty →] L2 → K-FAC solver."""
         parts = [] if penalty is None else [penalty.transform()]
+        if self.name == 'kfac':
+            if self.weight_decay > 0:
+                parts.append(optax.add_decayed_weights(self.weight_decay))
+            kind = kinds.KFAC() if penalty is None else penalty.curvature_kind()
+            proximal = 0.0 if penalty is None else penalty.proximal
+            parts.append(
+                solvers.kfac_solver(
+                    kind,
+                    damping=self.damping,
+                    refresh_every=self.refresh_every,
+                    diagonal=proximal + self.weight_decay,
+                )
+            )
+            return optax.chain(*parts)
         if self.clip_norm > 0:
             parts.append(optax.clip_by_global_norm(self.clip_norm))
         if self.weight_decay > 0:
@@ -397,6 +425,8 @@ class Method:
                 terms.append(type(t).__name__)
         opt = self.optimizer
         optim = f'{opt.name} {opt.learning_rate:g}'
+        if opt.name == 'kfac':
+            optim = f'K-FAC, exact step, λ {opt.damping:g}'
         if opt.name == 'sgd':
             optim += f', m {opt.momentum:g}'
         if opt.schedule == 'constant':
@@ -617,6 +647,13 @@ _RECORDS = [
         terms=_DER_TERMS,
         logit_weight=0.1,
         second_draw_weight=0.5,
+    ),
+    _m(
+        'dlcft_kfac',
+        'DLCFT minimised with K-FAC-preconditioned steps sized by exact '
+        'minimisation of the quadratic model (Martens & Grosse, 2015).',
+        optimizer=Optimizer(name='kfac'),
+        reference=f'{_SHON}; Martens & Grosse, 2015',
     ),
     _m(
         'dlcft_head',

@@ -52,7 +52,7 @@ from flax import traverse_util
 from dlcft_jax import curvature_kinds as kinds
 from dlcft_jax import data_terms as dterms
 from dlcft_jax import linearization as lin
-from dlcft_jax import losses, methods
+from dlcft_jax import losses, methods, solvers
 from dlcft_jax import penalty as pen_lib
 from dlcft_jax.model import Model, head_apply  # noqa: F401 (re-exported)
 
@@ -76,12 +76,15 @@ def keep_untouched_outputs(
     `inner`'s own, so `penalty.find` and the task-boundary calls see it.
     """
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, **extra_args):
         head_g = grads['head']
         touched = (
             jnp.sum(jnp.abs(head_g['kernel']), 0) + jnp.abs(head_g['bias']) > 0
         ).astype(head_g['bias'].dtype)
-        updates, state = inner.update(grads, state, params)
+        if isinstance(inner, optax.GradientTransformationExtraArgs):
+            updates, state = inner.update(grads, state, params, **extra_args)
+        else:
+            updates, state = inner.update(grads, state, params)
         head = updates['head']
         updates = {
             **updates,
@@ -92,7 +95,7 @@ def keep_untouched_outputs(
         }
         return updates, state
 
-    return optax.GradientTransformation(inner.init, update)
+    return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -276,6 +279,14 @@ def create_state(
         zero = kinds.zeros(pen.kind, model_of(state), params0, params, example)
         opt_state = pen_lib.with_curvature(opt_state, zero)
         _warn_unregularized(params, zero)
+    if solvers.find(opt_state) is not None:
+        example = {'image': example_input}
+        opt_state = solvers.fill_factors(
+            opt_state,
+            lambda kind: kinds.zeros(
+                kind, model_of(state), params0, params, example
+            ),
+        )
     opt_state = pen_lib.set_num_steps(opt_state, num_steps)
     return state.replace(opt_state=opt_state)
 
@@ -334,8 +345,12 @@ def optimizer_params(state: TrainState, params: Params) -> Params:
 
 
 def learning_rate(state: TrainState) -> jax.Array:
-    """η of the next step (NaN for a user optimizer without a schedule part)."""
+    """η of the next step; with `solvers.kfac_solver`, the step size α it
+    solved for at the last step (NaN for a user optimizer with neither)."""
     lr = pen_lib.learning_rate(state.opt_state)
+    solver = solvers.find(state.opt_state)
+    if lr is None and solver is not None:
+        lr = solver.rate
     return jnp.asarray(jnp.nan if lr is None else lr, jnp.float32)
 
 
@@ -434,7 +449,25 @@ def step(
 
     lr = learning_rate(state)
     opt_params = optimizer_params(state, state.params)
-    updates, opt_state = state.tx.update(grads, state.opt_state, opt_params)
+    extra = {}
+    if solvers.find(state.opt_state) is not None:
+        # A curvature-aware solver in the chain: what it may ask of the batch.
+        pen = pen_lib.find(state.opt_state)
+        extra['solver_context'] = solvers.solver_context(
+            model_of(state),
+            state.params0,
+            state.params,
+            batch,
+            class_mask=class_mask,
+            weights=weights,
+            rng=jax.random.fold_in(jax.random.key(state.task), state.step),
+            past_curvature=None if pen is None else pen.curvature,
+            num_tasks=t,
+            axis_name=axis_name,
+        )
+    updates, opt_state = state.tx.update(
+        grads, state.opt_state, opt_params, **extra
+    )
     params = optax.apply_updates(state.params, updates)
     pen = pen_lib.find(opt_state)
     if pen is not None:
@@ -489,7 +522,8 @@ def begin_task(
         )
     )
     fresh = state.tx.init(optimizer_params(state, state.params))
-    opt_state = pen_lib.carry_over(fresh, state.opt_state)
+    opt_state = solvers.carry_over(fresh, state.opt_state)
+    opt_state = pen_lib.carry_over(opt_state, state.opt_state)
     opt_state = pen_lib.set_num_steps(opt_state, num_steps)
     return state.replace(
         step=jnp.zeros((), jnp.int32),
