@@ -1,6 +1,8 @@
 """`train_and_evaluate(config, workdir)`: one continual fine-tuning run.
 
-Read it top to bottom: `train_and_evaluate` is the whole story.
+Read it top to bottom: `train_and_evaluate` is the whole story, in ~160
+lines; each phase is a function of the run's fixed pieces (`Run`), the
+train state and the position (`Position`), passed explicitly.
 
   set-up    check the config; load the data, split it into tasks; build the
             backbone ψ0 and the train state; compile the pmapped functions.
@@ -12,6 +14,9 @@ Read it top to bottom: `train_and_evaluate` is the whole story.
     steps       N_t steps on batches of the task (`input_pipeline`), replay
                 rows joining from the buffer; metrics logged at log steps; a
                 checkpoint at orbax's interval (`checkpointing`).
+    objective   one pass over the task's examples measures J_t and its gap
+                to the closed-form head optimum (`convergence`); methods
+                with `closed_form_head` set the head to that optimum.
     curvature   methods with a penalty: the task's curvature (K-FAC of the
                 linearized model and the exact head block) enters the
                 running average, and θ_t becomes the anchor.
@@ -22,11 +27,15 @@ Read it top to bottom: `train_and_evaluate` is the whole story.
                 checkpoint of the finished task.
   outputs   results.json, summary.txt and results.png in WORKDIR.
 
-Where things live: batches are made in `input_pipeline.py`, a step runs in
-`dlcft_jax.step` (pmapped by `dlcft_jax.parallel`), checkpoints are written
-in `checkpointing.py`, results reported in `reporting.py`; the method of
-each `--config.method` is in `methods.py`, and docs/method.md describes the
-mathematics.
+Where things live: `training_plan` (what is trained: the tasks, or their
+union for joint training), `resume`, `train_task` (the steps, with stream
+insertion into the buffer), `finish_task` (objective, curvature, anchor,
+task-end insertion) are the phases; batches are made in
+`input_pipeline.py`, a step runs in `dlcft_jax.step` (pmapped by
+`dlcft_jax.parallel`), checkpoints are written in `checkpointing.py`,
+results reported in `reporting.py`; each `--config.method` is a record of
+`dlcft_jax.methods` (its overrides in `methods.py`), and docs/method.md
+describes the mathematics.
 
 Scale. Every step, update and evaluation is `jax.pmap`ped over the local
 devices and the train state stays replicated on them between tasks; the
