@@ -92,10 +92,13 @@ class LabelLoss:
     """The label loss ℓ(f, y), mean over the batch: 'mse' (½‖α·onehot(y) −
     f‖² over the active outputs) or 'ce' (softmax cross-entropy over them).
     With 'label_scale' (B,) in the batch each row's loss is scaled (DER and
-    DER++ weigh current and replayed rows with it)."""
+    DER++ weigh current and replayed rows with it). `all_outputs`: the loss
+    covers every output, those of classes not seen yet included (Mammoth's
+    class-IL cross-entropy), instead of the active ones."""
 
     kind: str = 'mse'
     alpha: float = losses.ALPHA
+    all_outputs: bool = False
     past: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False
 
@@ -110,6 +113,8 @@ class LabelLoss:
         return functools.partial(losses.loss_fn(self.kind), alpha=self.alpha)
 
     def __call__(self, logits, batch, ctx):
+        if self.all_outputs:
+            ctx = ctx._replace(class_mask=None)
         return _label_loss(self.loss_fn(), logits, batch, ctx)
 
 

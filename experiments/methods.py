@@ -120,6 +120,10 @@ def resolve(config: ml_collections.ConfigDict) -> dj.Method:
         method = method.replace_terms(
             dterms.LabelLoss, alpha=config.optim.alpha
         )
+        if config.baselines.all_outputs is not None:
+            method = method.replace_terms(
+                dterms.LabelLoss, all_outputs=config.baselines.all_outputs
+            )
         return method.replace_terms(
             dterms.Distillation,
             temperature=config.baselines.lwf_temperature,

@@ -627,3 +627,26 @@ def test_a_new_method_is_one_record_that_the_step_runs():
     der = jnp.mean(scale * jnp.mean(jnp.square(f - stored), -1))
     np.testing.assert_allclose(m['data_loss'], label + der, rtol=1e-5)
     assert state.penalty_state is not None
+
+
+def test_label_loss_over_all_outputs_ignores_the_class_mask():
+    """Mammoth's class-IL cross-entropy: the unseen classes' outputs enter
+    the softmax (pushed down) instead of being masked out."""
+    base = dj.METHODS['finetune']
+    every = base.replace_terms(dterms.LabelLoss, all_outputs=True)
+    batch = _batch(6)
+    mask = jnp.asarray([1.0, 1.0, 0.0])
+    batch = {**batch, 'label': jnp.minimum(batch['label'], 1)}
+    masked = dj.begin_task(_state(base), num_steps=3, class_mask=mask)
+    full = dj.begin_task(_state(every), num_steps=3, class_mask=mask)
+    _, m_masked = dj.step(masked, batch)
+    _, m_full = dj.step(full, batch)
+    f = ts.apply_model(full, full.params, batch['image'])
+    want = jnp.mean(losses.cross_entropy_per_example(f, batch['label']))
+    np.testing.assert_allclose(m_full['data_loss'], want, rtol=1e-5)
+    assert float(m_full['data_loss']) > float(m_masked['data_loss'])
+    new, _ = dj.step(full, batch)  # the unseen output's row now moves
+    moved = (
+        new.params['head']['kernel'][:, 2] - full.params['head']['kernel'][:, 2]
+    )
+    assert float(jnp.max(jnp.abs(moved))) > 0

@@ -190,6 +190,10 @@ def base(setting: str, benchmark: str) -> ml_collections.ConfigDict:
     # method's: on for er / der / derpp as in Mammoth, off otherwise as in
     # the paper's DLCFT).
     config.baselines.bn_train = config_dict.placeholder(bool)
+    # The label loss over every output, unseen classes included (Mammoth's
+    # class-IL cross-entropy), instead of the seen ones (None: the method's,
+    # off for every method).
+    config.baselines.all_outputs = config_dict.placeholder(bool)
     config.baselines.ncm_metric = 'cosine'  # or 'euclidean'
     # RanPAC: random projection width (their paper: 10,000) and the share
     # of the first task held out to choose the ridge.
