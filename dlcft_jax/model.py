@@ -63,13 +63,22 @@ class Model:
         """f = W z + b on the features."""
         return head_apply(params, self.features(params0, params, x))
 
-    def train_logits(self, params0: Params, params: Params, x: jax.Array):
-        """(f, new BatchNorm statistics or None) of a training step."""
+    def train_logits(
+        self,
+        params0: Params,
+        params: Params,
+        x: jax.Array,
+        rng: jax.Array | None = None,
+    ):
+        """(f, new BatchNorm statistics or None) of a training step; `rng`
+        reaches a `train_apply_fn` whose `needs_rng` attribute is true
+        (stochastic depth)."""
         if self.train_apply_fn is None:
             return self.logits(params0, params, x), None
-        z, mutated = self.train_apply_fn(
-            lin.shift(params0, params['backbone']), x
-        )
+        args = (lin.shift(params0, params['backbone']), x)
+        if getattr(self.train_apply_fn, 'needs_rng', False):
+            args += (rng,)
+        z, mutated = self.train_apply_fn(*args)
         return head_apply(params, z), mutated['batch_stats']
 
 

@@ -424,8 +424,14 @@ def step(
         )
     ctx = dterms.Context(class_mask, weights, teacher)
 
+    # Per-step randomness (stochastic depth, the solver's pseudo-targets):
+    # a pure function of (task, step).
+    rng = jax.random.fold_in(jax.random.key(state.task), state.step)
+
     def objective(params):
-        logits, stats = model.train_logits(state.params0, params, x)
+        logits, stats = model.train_logits(
+            state.params0, params, x, jax.random.fold_in(rng, 1)
+        )
         data = dterms.current(terms, logits, batch, ctx)
         reg = jnp.zeros((), jnp.float32)
         total = data
@@ -460,7 +466,7 @@ def step(
             batch,
             class_mask=class_mask,
             weights=weights,
-            rng=jax.random.fold_in(jax.random.key(state.task), state.step),
+            rng=rng,
             past_curvature=None if pen is None else pen.curvature,
             num_tasks=t,
             axis_name=axis_name,

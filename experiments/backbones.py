@@ -57,7 +57,9 @@ def build_backbone(
     b = config.backbone
     if b.name == 'efficientnet_lite0':
         variables, _ = models.load_efficientnet_lite0(b.checkpoint)
-        net = models.EfficientNetLite0(activation=b.activation)
+        net = models.EfficientNetLite0(
+            activation=b.activation, drop_connect_rate=b.drop_connect_rate
+        )
         preprocess = models.preprocess
     elif b.name == 'small_cnn':  # a tiny random network for tests
         net = small_cnn.SmallConvNet(
@@ -96,12 +98,19 @@ def build_backbone(
     def apply_fn(variables, images):
         return net.apply(variables, inputs(images))
 
-    def train_apply_fn(variables, images):
-        # BatchNorm on batch statistics, running averages updated.
+    def train_apply_fn(variables, images, rng=None):
+        # BatchNorm on batch statistics, running averages updated; the rng
+        # drives stochastic depth (backbone.drop_connect_rate).
         return net.apply(
-            variables, inputs(images), train=True, mutable=['batch_stats']
+            variables,
+            inputs(images),
+            train=True,
+            mutable=['batch_stats'],
+            rngs=None if rng is None else {'dropout': rng},
         )
 
+    # The step passes an rng to a train function that asks for one.
+    train_apply_fn.needs_rng = bool(getattr(net, 'drop_connect_rate', 0))
     apply_fn.train = train_apply_fn  # for the bn_train methods
     return apply_fn, variables
 

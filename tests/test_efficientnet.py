@@ -291,3 +291,34 @@ def test_preprocess_and_resize():
     assert preprocess(img).dtype == jnp.float32
     out = resize(np.zeros((2, 32, 32, 3), np.uint8), 64)
     assert out.shape == (2, 64, 64, 3) and out.dtype == jnp.float32
+
+
+def test_stochastic_depth_drops_residual_branches_in_training_only():
+    """drop_connect_rate: in training, block i keeps each example's residual
+    branch with probability 1 − rate·i/16 (scaled by its inverse); in
+    inference the network is the deterministic one."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dlcft_jax import models
+
+    net = models.EfficientNetLite0(drop_connect_rate=0.9)
+    plain = models.EfficientNetLite0()
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    v = plain.init(jax.random.key(1), x)
+    np.testing.assert_allclose(net.apply(v, x), plain.apply(v, x), rtol=1e-6)
+
+    def train(model, rng):
+        out, _ = model.apply(
+            v, x, train=True, mutable=['batch_stats'], rngs={'dropout': rng}
+        )
+        return out
+
+    a, b = train(net, jax.random.key(2)), train(net, jax.random.key(3))
+    assert not np.allclose(a, b)  # the draw depends on the rng
+    same = train(net, jax.random.key(2))
+    np.testing.assert_array_equal(a, same)  # and only on it
+    ref = train(plain, jax.random.key(2))
+    assert not np.allclose(a, ref)
+    assert jnp.all(jnp.isfinite(a))

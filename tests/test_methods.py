@@ -650,3 +650,33 @@ def test_label_loss_over_all_outputs_ignores_the_class_mask():
         new.params['head']['kernel'][:, 2] - full.params['head']['kernel'][:, 2]
     )
     assert float(jnp.max(jnp.abs(moved))) > 0
+
+
+def test_the_step_gives_an_rng_to_a_train_function_that_asks_for_one():
+    """Stochastic depth needs randomness in training: a `train_apply_fn`
+    with `needs_rng` gets a key that depends on the step."""
+    net = SmallConvNet()
+    v = net.init(jax.random.key(0), jnp.zeros((2, 8, 8, 3)))
+    keys = []
+
+    def train_apply(variables, x, rng):
+        keys.append(rng)
+        return net.apply(variables, x, train=True, mutable=['batch_stats'])
+
+    train_apply.needs_rng = True
+    cfg = dj.METHODS['finetune'].replace(network=dict(bn_train=True))
+    state = dj.create_state(
+        net.apply,
+        v,
+        num_classes=C,
+        example_input=_batch()['image'],
+        method=cfg,
+        train_apply_fn=train_apply,
+    )
+    state = dj.begin_task(state, num_steps=3)
+    step = jax.jit(ts.step)
+    state, _ = step(state, _batch())
+    # Traced once, with a key (a 2-argument call would have failed).
+    assert len(keys) == 1 and jax.dtypes.issubdtype(
+        keys[0].dtype, jax.dtypes.prng_key
+    )

