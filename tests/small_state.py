@@ -58,3 +58,8 @@ def second_task(state, batch, num_steps=5, seed=0):
     state = dj.begin_task(dj.end_task(state, curv), num_steps=num_steps)
     state, _ = dj.step(state, batch)
     return state
+
+
+def linear_features(params, x):
+    """A fixed 'backbone' z = x W (nothing trainable): the head alone learns."""
+    return x @ params['w']

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from small_state import linear_features
 
 import dlcft_jax as dj
 from dlcft_jax import curvature as curv_lib
@@ -361,11 +362,6 @@ def test_a_user_optax_chain_with_the_penalty_reproduces_the_preset_step():
     jax.tree.map(np.testing.assert_allclose, a.curvature, b.curvature)
 
 
-def _linear_features(params, x):
-    """A fixed 'backbone' z = x W (nothing trainable): the head alone learns."""
-    return x @ params['w']
-
-
 def test_sequential_equals_joint_for_the_head_through_a_user_tx():
     """(L_t + t·R)/(t+1) with the exact head curvature, minimized task by task
     with a user's optax SGD, reaches the least-squares solution of all
@@ -386,7 +382,7 @@ def test_sequential_equals_joint_for_the_head_through_a_user_tx():
             penalty.quadratic_penalty(dj.KFAC()), optax.sgd(0.2, momentum=0.5)
         )
         state = dj.create_state(
-            _linear_features,
+            linear_features,
             params0,
             num_classes=C,
             example_input=tasks[0]['image'],

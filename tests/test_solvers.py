@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from small_state import linear_features
 
 from dlcft_jax import solvers
 
@@ -136,11 +137,6 @@ def test_frozen_backbone_sequential_closed_form_head_equals_joint(
     )
 
 
-def _linear_features(params, x):
-    """A fixed 'backbone' z = x W (nothing trainable): the head alone learns."""
-    return x @ params['w']
-
-
 def test_kfac_solver_reaches_the_joint_minimiser_of_a_quadratic():
     """Head only, so J_t is exactly quadratic and K-FAC's head block is its
     exact Hessian: the preconditioned step with the exact step size is a
@@ -165,7 +161,7 @@ def test_kfac_solver_reaches_the_joint_minimiser_of_a_quadratic():
         optimizer=dict(weight_decay=0.0, damping=1e-7, refresh_every=1),
     )
     state = dj.create_state(
-        _linear_features,
+        linear_features,
         params0,
         num_classes=C,
         example_input=tasks[0]['image'],
@@ -183,7 +179,7 @@ def test_kfac_solver_reaches_the_joint_minimiser_of_a_quadratic():
         curv = dj.estimate_curvature(state, [batch], jax.random.key(t))
         state = dj.end_task(state, curv)
     z = np.concatenate(
-        [np.asarray(_linear_features(params0, b['image'])) for b in tasks]
+        [np.asarray(linear_features(params0, b['image'])) for b in tasks]
     )
     zbar = np.concatenate([z, np.ones((len(z), 1))], 1).astype(np.float64)
     y = np.concatenate([b['label'] for b in tasks])
