@@ -10,8 +10,8 @@ variant per budget, class-IL at 32 px, seed 0:
   done
   python -m experiments.study --grid=class_il_32 --seeds=0 \
       --methods=dlcft,dlcft_kfac,dlcft_head --root=runs/study --data=DIR
-  python -m benchmarks.budget_curve --root=runs/study \
-      --out=results/cifar10_study/budget_curve
+  python -m benchmarks.budget_curve --study_root=runs/study \
+      --curve_out=results/cifar10_study/budget_curve
 
 (313 steps per task is the grid itself, untagged.) For each method and
 budget this collects the average accuracy after the last task, the sum over
@@ -29,15 +29,15 @@ from pathlib import Path
 
 from absl import app, flags
 
-_ROOT = flags.DEFINE_string('root', 'runs/study', 'The study root.')
-_GRID = flags.DEFINE_string('grid', 'class_il_32', 'The study grid.')
+_ROOT = flags.DEFINE_string('study_root', 'runs/study', 'The study root.')
+_GRID = flags.DEFINE_string('study_grid', 'class_il_32', 'The study grid.')
 _METHODS = flags.DEFINE_list(
-    'methods', ['dlcft', 'dlcft_kfac', 'dlcft_head'], 'Rows.'
+    'curve_methods', ['dlcft', 'dlcft_kfac', 'dlcft_head'], 'Rows.'
 )
-_STEPS = flags.DEFINE_list('steps', ['313', '1000', '3000'], 'Budgets.')
-_SEED = flags.DEFINE_integer('seed', 0, 'The seed of the runs.')
+_STEPS = flags.DEFINE_list('budgets', ['313', '1000', '3000'], 'Budgets.')
+_SEED = flags.DEFINE_integer('curve_seed', 0, 'The seed of the runs.')
 _OUT = flags.DEFINE_string(
-    'out', 'results/cifar10_study/budget_curve', 'Output path stem.'
+    'curve_out', 'results/cifar10_study/budget_curve', 'Output path stem.'
 )
 
 
