@@ -143,8 +143,8 @@ def solve_head(
       past_a: A, the penalty's head factor (the average E[z̄z̄ᵀ] of the t
         finished tasks), or None when the head is not penalised.
       num_tasks: t.
-      ridge: λ ≥ 0 added to the diagonal (0: none; a singular system then
-        falls back to the least-norm solution).
+      ridge: λ ≥ 0 added to the diagonal (0: none; a singular system gets
+        the minimum-norm minimiser).
 
     Returns:
       W̄ (D+1, C), float64.
@@ -158,10 +158,10 @@ def solve_head(
         rhs += num_tasks * a @ anchor
     if ridge > 0:
         lhs += ridge * np.eye(lhs.shape[0])
-    try:
-        sol = np.linalg.solve(lhs, rhs)
-    except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
+    # Least squares, not a plain solve: with fewer examples than features
+    # (or collinear ones) the system is singular, and the minimum-norm
+    # minimiser is the stable choice; its objective is the minimum either way.
+    sol = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
     active = np.asarray(class_mask, np.float64) > 0
     return np.where(active[None], sol, anchor)
 

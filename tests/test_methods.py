@@ -598,7 +598,12 @@ def test_a_record_is_changed_part_by_part():
     )
     record = m.as_dict()
     assert record['terms'] == [
-        {'term': 'LabelLoss', 'kind': 'mse', 'alpha': 15}
+        {
+            'term': 'LabelLoss',
+            'kind': 'mse',
+            'alpha': 15.0,
+            'all_outputs': False,
+        }
     ]
     assert record['penalty']['kind'] == 'tkfac'
 

@@ -67,6 +67,18 @@ def cli_command(workdir, npz_dir, **overrides):
     ]
 
 
+#: The per-task objective record (experiments/convergence.py): float sums
+#: whose rounding depends on how the examples are split over devices.
+MEASURED = (
+    'objective',
+    'objective_head_optimum',
+    'objective_gap',
+    'head_grad_norm',
+    'penalty',
+    'objective_before_head_solve',
+)
+
+
 def without_timings(tree):
     """results minus the wall-clock fields (which differ between runs)."""
     if isinstance(tree, dict):
