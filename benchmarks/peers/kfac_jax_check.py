@@ -7,9 +7,9 @@ This script runs its optimizer on the linearized small CNN of the tests with
 the α-MSE loss registered (`register_squared_error_loss`), 20 full-batch
 steps, and prints the losses or the error:
 
-  pip install --target=/tmp/kfacenv --no-deps kfac-jax distrax dm-tree \
+  pip install --target=.kfacenv --no-deps kfac-jax distrax dm-tree \
       immutabledict tensorflow-probability
-  PYTHONPATH=/tmp/kfacenv python -m benchmarks.peers.kfac_jax_check \
+  PYTHONPATH=.kfacenv python -m benchmarks.peers.kfac_jax_check \
       [--stub_distrax]
 
 Measured on 2026-12-04 with kfac-jax 0.0.8 (the newest on PyPI) and
