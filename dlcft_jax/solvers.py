@@ -63,24 +63,29 @@ class HeadStats(NamedTuple):
 
 
 def head_stats(
-    z: jax.Array,
-    labels: jax.Array,
+    z,
+    labels,
     *,
     alpha: float,
     num_classes: int,
-    weights: jax.Array | None = None,
+    weights=None,
 ) -> HeadStats:
-    """The `HeadStats` of one batch of features z (B, D) (jit-able)."""
-    zbar = jnp.concatenate([z, jnp.ones((z.shape[0], 1), z.dtype)], axis=1)
-    if weights is None:
-        weights = jnp.ones((z.shape[0],), z.dtype)
-    w = weights.astype(z.dtype)
-    target = alpha * jax.nn.one_hot(labels, num_classes, dtype=z.dtype)
+    """The `HeadStats` of features z (N, D), in float64 on the host (the
+    sums then do not depend on how the examples were split over devices,
+    and the solve gets every digit the features have)."""
+    z = np.asarray(z, np.float64)
+    zbar = np.concatenate([z, np.ones((len(z), 1))], 1)
+    w = (
+        np.ones((len(z),))
+        if weights is None
+        else np.asarray(weights, np.float64)
+    )
+    target = alpha * np.eye(num_classes)[np.asarray(labels)]
     return HeadStats(
-        gram=jnp.einsum('n,ni,nj->ij', w, zbar, zbar),
-        cross=jnp.einsum('n,ni,nc->ic', w, zbar, target),
-        target_sq=jnp.sum(w) * alpha**2,
-        weight=jnp.sum(w),
+        gram=(zbar * w[:, None]).T @ zbar,
+        cross=(zbar * w[:, None]).T @ target,
+        target_sq=float(np.sum(w)) * alpha**2,
+        weight=float(np.sum(w)),
     )
 
 

@@ -51,17 +51,8 @@ def _penalty_value(state: dj.TrainState) -> jax.Array:
 
 
 def _stats(z: np.ndarray, labels: np.ndarray, weight: float, alpha, c):
-    """`solvers.HeadStats` of the features, in float64 on the host (the
-    sums then do not depend on how the examples were split over devices,
-    and the solve gets every digit the features have)."""
-    zbar = np.concatenate([z, np.ones((len(z), 1))], 1).astype(np.float64)
-    target = alpha * np.eye(c)[labels]
-    return solvers.HeadStats(
-        gram=weight * zbar.T @ zbar,
-        cross=weight * zbar.T @ target,
-        target_sq=weight * len(labels) * alpha**2,
-        weight=weight * len(labels),
-    )
+    w = np.full((len(labels),), weight)
+    return solvers.head_stats(z, labels, alpha=alpha, num_classes=c, weights=w)
 
 
 def _past_head_factor(state: dj.TrainState) -> np.ndarray | None:
